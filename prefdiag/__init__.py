@@ -1,0 +1,20 @@
+"""prefdiag: is a DPO-trained checkpoint aligned, or does it only look aligned on the loss curve?
+
+Library entry points (the CLI is a thin layer over these):
+
+- :func:`prefdiag.api.audit`: score a preference dataset under a reference model (or model-free checks only).
+- :func:`prefdiag.api.compare`: score it under a reference and a DPO-trained policy.
+- :mod:`prefdiag.diagnostics`: per-pair flags and the dataset summary, from a table alone.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "audit", "compare"]
+
+
+def __getattr__(name: str):  # lazy: `import prefdiag` stays light, torch loads only when scoring
+    if name in ("audit", "compare"):
+        from prefdiag import api
+
+        return getattr(api, name)
+    raise AttributeError(name)

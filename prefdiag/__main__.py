@@ -1,0 +1,3 @@
+from prefdiag.cli import main
+
+main()

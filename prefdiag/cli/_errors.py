@@ -1,0 +1,41 @@
+"""The one place that maps prefdiag's exceptions to exit codes and one-line messages."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+from prefdiag.errors import PrefdiagError, RunError, UsageError
+
+EXIT_OK, EXIT_GATE_FAILED, EXIT_USAGE, EXIT_RUN_FAILED = 0, 1, 2, 3
+
+EXIT_CODES: list[tuple[type[BaseException], int]] = [
+    (UsageError, EXIT_USAGE),  # includes DataError and ModelError
+    (RunError, EXIT_RUN_FAILED),
+    (PrefdiagError, EXIT_RUN_FAILED),
+]
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """Exit code for an exception: 2 for bad usage or input, 3 for anything that failed while running."""
+    for cls, code in EXIT_CODES:
+        if isinstance(exc, cls):
+            return code
+    return EXIT_RUN_FAILED
+
+
+def report_error(exc: BaseException) -> int:
+    """Print a one-line error (a hint on a second line), the traceback only with PREFDIAG_DEBUG=1; return the code."""
+    if os.environ.get("PREFDIAG_DEBUG") == "1":
+        traceback.print_exception(exc, file=sys.stderr)
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if not isinstance(exc, PrefdiagError):
+        message = f"{type(exc).__name__}: {message}"
+    print(f"Error: {message}", file=sys.stderr)
+    hint = getattr(exc, "hint", None)
+    if hint:
+        print(f"Hint: {hint}", file=sys.stderr)
+    if not isinstance(exc, PrefdiagError) and os.environ.get("PREFDIAG_DEBUG") != "1":
+        print("Set PREFDIAG_DEBUG=1 to see the traceback.", file=sys.stderr)
+    return exit_code_for(exc)

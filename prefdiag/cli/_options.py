@@ -1,0 +1,81 @@
+"""Options shared by several commands, as reusable Annotated aliases."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    json = "json"
+
+
+class TableFormat(str, Enum):
+    parquet = "parquet"
+    csv = "csv"
+    jsonl = "jsonl"
+
+
+class Dtype(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    mps = "mps"
+
+
+Data = Annotated[
+    str,
+    typer.Argument(
+        help="Preference pairs: a .jsonl/.json/.csv/.parquet file, a save_to_disk directory, or a hub dataset id.",
+        show_default=False,
+    ),
+]
+Reference = Annotated[str, typer.Option("--reference", "-r", help="Reference model: a directory or hub id.")]
+OptionalReference = Annotated[
+    Optional[str], typer.Option("--reference", "-r", help="Reference model: a directory or hub id.")
+]
+Policy = Annotated[str, typer.Option("--policy", "-p", help="DPO-trained policy: a directory or hub id.")]
+Beta = Annotated[float, typer.Option(help="The beta the policy was trained with (> 0).")]
+DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="Model dtype; auto is bfloat16 on a GPU, float32 on CPU.")]
+DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run the models.")]
+MaxLength = Annotated[
+    Optional[int],
+    typer.Option(help="Truncate prompt+response at this many tokens, keep_start, as TRL's max_length does."),
+]
+BatchTokens = Annotated[
+    Optional[int], typer.Option(help="Padded tokens per forward pass (default 16384 on GPU, 4096 on CPU).")
+]
+Tokenizer = Annotated[Optional[str], typer.Option(help="Tokenizer to use instead of the reference's.")]
+Revision = Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit) of the reference.")]
+PolicyRevision = Annotated[Optional[str], typer.Option(help="Hub revision of the policy.")]
+TrustRemoteCode = Annotated[
+    bool, typer.Option("--trust-remote-code", help="Allow model/tokenizer code from the hub to run (off by default).")
+]
+Split = Annotated[Optional[str], typer.Option(help="Dataset split, for a hub dataset or a save_to_disk directory.")]
+IdColumn = Annotated[Optional[str], typer.Option(help="Column holding pair ids (default: 'id' if present).")]
+PromptColumn = Annotated[str, typer.Option(help="Column holding the prompt.")]
+ChosenColumn = Annotated[str, typer.Option(help="Column holding the chosen response.")]
+RejectedColumn = Annotated[str, typer.Option(help="Column holding the rejected response.")]
+Output = Annotated[
+    Optional[Path],
+    typer.Option("--output", "-o", help="Directory for pairs.parquet, summary.json and report.md.", file_okay=False),
+]
+FormatOpt = Annotated[
+    OutputFormat, typer.Option("--format", "-f", help="stdout: a table for people, or the summary as JSON.")
+]
+TableFormatOpt = Annotated[
+    TableFormat, typer.Option("--table-format", help="Format of the per-pair table written to --output.")
+]
+Top = Annotated[int, typer.Option(help="How many worst pairs to show.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or logs on stderr.")]

@@ -1,0 +1,144 @@
+"""`prefdiag audit` and `prefdiag compare`: parse options, call prefdiag.api, show and write the result."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from prefdiag.cli import _options as o
+from prefdiag.cli._errors import report_error
+
+
+def handles_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn any exception into a one-line message and the exit code cli/_errors.py assigns it."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - this is the one catch-all
+            raise typer.Exit(report_error(exc)) from None
+
+    return wrapper
+
+
+def _options(**kwargs: Any):
+    from prefdiag.api import RunOptions
+    from prefdiag.data import ColumnMap
+
+    columns = ColumnMap(
+        prompt=kwargs.pop("prompt_column"),
+        chosen=kwargs.pop("chosen_column"),
+        rejected=kwargs.pop("rejected_column"),
+        id=kwargs.pop("id_column"),
+    )
+    kwargs["dtype"] = kwargs["dtype"].value
+    kwargs["device"] = kwargs["device"].value
+    return RunOptions(columns=columns, **kwargs)
+
+
+def _finish(result, output: Path | None, fmt: o.OutputFormat, table_format: o.TableFormat, top: int) -> None:
+    from prefdiag.cli._output import emit, write_outputs
+
+    if output is not None:
+        write_outputs(result, output, table_format.value, top)
+    emit(result, fmt, top)
+
+
+@handles_errors
+def audit(
+    data: o.Data,
+    reference: o.OptionalReference = None,
+    beta: o.Beta = 0.1,
+    max_length: o.MaxLength = None,
+    dtype: o.DtypeOpt = o.Dtype.auto,
+    device: o.DeviceOpt = o.Device.auto,
+    batch_tokens: o.BatchTokens = None,
+    tokenizer: o.Tokenizer = None,
+    revision: o.Revision = None,
+    trust_remote_code: o.TrustRemoteCode = False,
+    split: o.Split = None,
+    prompt_column: o.PromptColumn = "prompt",
+    chosen_column: o.ChosenColumn = "chosen",
+    rejected_column: o.RejectedColumn = "rejected",
+    id_column: o.IdColumn = None,
+    output: o.Output = None,
+    fmt: o.FormatOpt = o.OutputFormat.table,
+    table_format: o.TableFormatOpt = o.TableFormat.parquet,
+    top: o.Top = 10,
+    quiet: o.Quiet = False,
+) -> None:
+    """Audit a preference dataset against a reference model, before any DPO training.
+
+    Scores every pair's chosen and rejected response under the reference (tokenized exactly as TRL's DPOTrainer
+    does) and reports how often the reference already prefers the rejected answer: those pairs start DPO on the
+    wrong side and rarely flip.
+
+    Example: prefdiag audit sample_data/pairs.jsonl --reference sample_data/models/reference --output out/
+    """
+    from prefdiag import api
+    from prefdiag.cli._output import ProgressBars, setup_logging
+
+    setup_logging(quiet)
+    options = _options(
+        beta=beta, max_length=max_length, dtype=dtype, device=device, batch_tokens=batch_tokens,
+        tokenizer=tokenizer, reference_revision=revision, trust_remote_code=trust_remote_code, split=split,
+        prompt_column=prompt_column, chosen_column=chosen_column, rejected_column=rejected_column,
+        id_column=id_column,
+    )  # fmt: skip
+    with ProgressBars(quiet) as progress:
+        result = api.audit(data, reference, options, progress)
+    _finish(result, output, fmt, table_format, top)
+
+
+@handles_errors
+def compare(
+    data: o.Data,
+    reference: o.Reference,
+    policy: o.Policy,
+    beta: o.Beta = 0.1,
+    max_length: o.MaxLength = None,
+    dtype: o.DtypeOpt = o.Dtype.auto,
+    device: o.DeviceOpt = o.Device.auto,
+    batch_tokens: o.BatchTokens = None,
+    tokenizer: o.Tokenizer = None,
+    revision: o.Revision = None,
+    policy_revision: o.PolicyRevision = None,
+    trust_remote_code: o.TrustRemoteCode = False,
+    split: o.Split = None,
+    prompt_column: o.PromptColumn = "prompt",
+    chosen_column: o.ChosenColumn = "chosen",
+    rejected_column: o.RejectedColumn = "rejected",
+    id_column: o.IdColumn = None,
+    output: o.Output = None,
+    fmt: o.FormatOpt = o.OutputFormat.table,
+    table_format: o.TableFormatOpt = o.TableFormat.parquet,
+    top: o.Top = 10,
+    quiet: o.Quiet = False,
+) -> None:
+    """Compare a DPO-trained policy with its reference on a preference dataset.
+
+    Reports reward accuracy (what TRL logs) next to ranking accuracy (does the policy actually prefer the chosen
+    answer?), the negative-margin regime, likelihood displacement and the pairs that show them.
+
+    Example: prefdiag compare sample_data/pairs.jsonl -r sample_data/models/reference -p sample_data/models/policy
+    """
+    from prefdiag import api
+    from prefdiag.cli._output import ProgressBars, setup_logging
+
+    setup_logging(quiet)
+    options = _options(
+        beta=beta, max_length=max_length, dtype=dtype, device=device, batch_tokens=batch_tokens,
+        tokenizer=tokenizer, reference_revision=revision, policy_revision=policy_revision,
+        trust_remote_code=trust_remote_code, split=split, prompt_column=prompt_column,
+        chosen_column=chosen_column, rejected_column=rejected_column, id_column=id_column,
+    )  # fmt: skip
+    with ProgressBars(quiet) as progress:
+        result = api.compare(data, reference, policy, options, progress)
+    _finish(result, output, fmt, table_format, top)

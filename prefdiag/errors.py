@@ -1,0 +1,30 @@
+"""The exceptions prefdiag raises; the CLI maps each class to an exit code in one place (cli/_errors.py)."""
+
+from __future__ import annotations
+
+
+class PrefdiagError(Exception):
+    """Base class: a failure prefdiag can explain in one line."""
+
+    hint: str | None = None
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+
+class UsageError(PrefdiagError):
+    """An option or argument is invalid (bad value, conflicting flags, unknown metric)."""
+
+
+class DataError(UsageError):
+    """The preference data cannot be read or does not have the expected shape."""
+
+
+class ModelError(UsageError):
+    """A model or tokenizer cannot be loaded or does not fit the run (missing path, vocabulary mismatch)."""
+
+
+class RunError(PrefdiagError):
+    """Something failed while running on valid input (out of memory at the smallest batch, numerical failure)."""

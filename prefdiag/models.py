@@ -1,0 +1,219 @@
+"""Loading tokenizers and causal LMs (local directories or hub ids), choosing device and dtype, and checking that a
+policy fits its reference. Remote code runs only when the caller asks for it; safetensors are preferred.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prefdiag.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for scoring, with what identifies it in a report or a cache key."""
+
+    model: torch.nn.Module
+    name: str
+    revision: str | None
+    commit: str | None
+    dtype: torch.dtype
+    device: torch.device
+    fingerprint: str
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "revision": self.revision,
+            "commit": self.commit,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "fingerprint": self.fingerprint,
+            "architecture": type(self.model).__name__,
+        }
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """Map --device to a torch device, refusing one this machine does not have."""
+    if device not in DEVICES:
+        raise ModelError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda was asked for but no CUDA device is available")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ModelError("--device mps was asked for but MPS is not available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """Map --dtype to a torch dtype; auto is bfloat16 on a GPU that supports it and float32 elsewhere."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; expected auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return (
+        not name.startswith((".", "/", "~"))
+        and len(parts) <= 2
+        and all(parts)
+        and not name.endswith((".json", ".jsonl", ".safetensors", ".bin"))
+    )
+
+
+def check_model_path(name: str, what: str) -> None:
+    """Refuse a local path that does not exist (a hub id is left for the hub to resolve)."""
+    if Path(name).exists():
+        if not Path(name).is_dir():
+            raise ModelError(f"{what} {name!r} is a file; expected a model directory or a hub id")
+        return
+    if not _looks_like_hub_id(name):
+        raise ModelError(f"{what} path {name!r} does not exist")
+
+
+def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    """Load the tokenizer of a model directory or hub id."""
+    from transformers import AutoTokenizer
+
+    check_model_path(name, "tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a missing tokenizer
+        raise ModelError(
+            f"cannot load a tokenizer from {name!r}: {_first_line(exc)}",
+            hint="pass --tokenizer with a directory or hub id that has one",
+        ) from exc
+    if isinstance(tokenizer, bool) or not callable(tokenizer):
+        raise ModelError(f"{name!r} has no usable tokenizer", hint="pass --tokenizer")
+    return tokenizer
+
+
+def load_model(
+    name: str,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    what: str = "model",
+) -> LoadedModel:
+    """Load a causal LM in eval mode (dropout off) on the device, preferring safetensors and SDPA attention."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_path(name, what)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name,
+            revision=revision,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            attn_implementation="sdpa",
+        )
+    except ValueError as exc:
+        if "sdpa" not in str(exc).lower():
+            raise ModelError(f"cannot load {what} {name!r}: {_first_line(exc)}") from exc
+        model = AutoModelForCausalLM.from_pretrained(
+            name, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation="eager"
+        )
+    except Exception as exc:
+        raise ModelError(f"cannot load {what} {name!r}: {_first_line(exc)}") from exc
+    model.to(device)
+    model.eval()
+    commit = getattr(model.config, "_commit_hash", None)
+    return LoadedModel(
+        model=model,
+        name=name,
+        revision=revision,
+        commit=commit,
+        dtype=dtype,
+        device=device,
+        fingerprint=weights_fingerprint(name, commit),
+    )
+
+
+def weights_fingerprint(name: str, commit: str | None = None) -> str:
+    """A cheap identity of the weights: sizes and mtimes of local weight files, or the hub commit."""
+    path = Path(name)
+    digest = hashlib.sha256()
+    if path.is_dir():
+        for file in sorted(path.iterdir()):
+            if file.suffix in (".safetensors", ".bin", ".json") or file.name.endswith(".index.json"):
+                stat = file.stat()
+                digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    else:
+        digest.update(f"{name}@{commit}".encode())
+    return digest.hexdigest()[:16]
+
+
+def vocabulary_size(model: torch.nn.Module) -> int:
+    return int(model.get_input_embeddings().weight.shape[0])
+
+
+def config_vocabulary_size(name: str, *, revision: str | None = None, trust_remote_code: bool = False) -> int | None:
+    """The vocabulary size a model's config declares, read without loading weights."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelError(f"cannot read the config of {name!r}: {_first_line(exc)}") from exc
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "vocab_size", None)
+
+
+def check_same_vocabulary(
+    reference: str, policy: str, tokenizer, *, policy_revision: str | None = None, trust_remote_code: bool = False,
+    reference_revision: str | None = None,
+) -> None:
+    """Refuse a policy whose vocabulary differs from the reference's (its log-probs would not be comparable);
+    checked from configs and tokenizers before any model is loaded."""
+    ref_size = config_vocabulary_size(reference, revision=reference_revision, trust_remote_code=trust_remote_code)
+    pol_size = config_vocabulary_size(policy, revision=policy_revision, trust_remote_code=trust_remote_code)
+    if ref_size is not None and pol_size is not None and ref_size != pol_size:
+        raise ModelError(
+            f"policy {policy!r} has a vocabulary of {pol_size} tokens but the reference {reference!r} "
+            f"has {ref_size}: log-probs are not comparable"
+        )
+    policy_tokenizer = maybe_load_tokenizer(policy, revision=policy_revision, trust_remote_code=trust_remote_code)
+    if policy_tokenizer is not None and policy_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ModelError(
+            f"the tokenizer of policy {policy!r} differs from the reference's: log-probs are not comparable"
+        )
+
+
+def maybe_load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer in a model directory if it has one, else None (used to cross-check a policy)."""
+    if not Path(name).is_dir():
+        return None
+    if not any((Path(name) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return None
+    try:
+        return load_tokenizer(name, revision=revision, trust_remote_code=trust_remote_code)
+    except ModelError:
+        return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,299 @@
+"""Scoring engine: summed completion log-probs of chosen and rejected under one causal LM, batched and exact.
+
+Two layouts give the same numbers (to fp32 rounding):
+
+- ``"prefix"`` (default): one row per pair, ``[prompt, chosen, rejected]``, with a 4D attention mask that keeps the
+  rejected tokens from seeing the chosen ones and restarts their positions at the prompt length. The prompt is run
+  through the model once for both responses.
+- ``"separate"``: two rows per pair, ``prompt + chosen`` and ``prompt + rejected``, exactly the sequences TRL's
+  DPOTrainer builds. It is the reference layout the fast one is tested against.
+
+Only the hidden states that predict a completion token go through the LM head, in chunks, with the log-softmax taken
+in fp32 and the per-token log-probs summed in fp64: no ``[batch, seq, vocab]`` logits tensor ever exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from prefdiag.errors import RunError
+from prefdiag.tokenization import TokenizedPairs
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = ("prefix", "separate")
+
+# Segment codes inside a packed row.
+_PROMPT, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """How to batch the work; none of it changes the numbers."""
+
+    batch_tokens: int = 8192  # padded tokens per forward pass (rows x longest row)
+    layout: str = "prefix"
+    padding_side: str = "right"
+    head_chunk_bytes: int = 256 * 2**20  # upper bound for one fp32 logits chunk
+
+
+@dataclass
+class _Row:
+    """One model input row and the completion tokens it scores."""
+
+    input_ids: np.ndarray  # [L]
+    position_ids: np.ndarray  # [L]
+    segments: np.ndarray  # [L] segment code per token
+    predict_at: np.ndarray  # [N] row index whose hidden state predicts the token
+    targets: np.ndarray  # [N] token id predicted
+    slots: np.ndarray  # [N] output slot: 2*pair (chosen) or 2*pair+1 (rejected)
+
+
+def _completion_targets(start: int, ids: Sequence[int], first_predictor: int, slot: int):
+    """Targets for completion tokens laid at row[start:start+len(ids)], the first predicted from first_predictor."""
+    n = len(ids)
+    predict_at = np.arange(start - 1, start + n - 1, dtype=np.int64)
+    if n:
+        predict_at[0] = first_predictor
+    targets = np.asarray(ids, dtype=np.int64)
+    keep = predict_at >= 0  # a sequence's first token has no predictor (TRL never scores it either)
+    return predict_at[keep], targets[keep], np.full(int(keep.sum()), slot, dtype=np.int64)
+
+
+def build_rows(tokenized: TokenizedPairs, layout: str = "prefix") -> list[_Row]:
+    """Lay every scorable pair out as model rows for the chosen layout."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    rows: list[_Row] = []
+    for i in range(len(tokenized)):
+        if tokenized.dropped[i]:
+            continue
+        prompt = tokenized.prompt_ids[i]
+        chosen = tokenized.chosen_ids[i]
+        rejected = tokenized.rejected_ids[i]
+        p = len(prompt)
+        if layout == "separate":
+            for side, completion in ((0, chosen), (1, rejected)):
+                ids = np.asarray(list(prompt) + list(completion), dtype=np.int64)
+                segments = np.full(len(ids), _PROMPT, dtype=np.int8)
+                segments[p:] = _CHOSEN
+                pa, tg, sl = _completion_targets(p, completion, p - 1, 2 * i + side)
+                rows.append(_Row(ids, np.arange(len(ids), dtype=np.int64), segments, pa, tg, sl))
+        else:
+            c, r = len(chosen), len(rejected)
+            ids = np.asarray(list(prompt) + list(chosen) + list(rejected), dtype=np.int64)
+            positions = np.concatenate(
+                [np.arange(p + c, dtype=np.int64), np.arange(p, p + r, dtype=np.int64)]
+            )
+            segments = np.concatenate(
+                [
+                    np.full(p, _PROMPT, dtype=np.int8),
+                    np.full(c, _CHOSEN, dtype=np.int8),
+                    np.full(r, _REJECTED, dtype=np.int8),
+                ]
+            )
+            pa_c, tg_c, sl_c = _completion_targets(p, chosen, p - 1, 2 * i)
+            pa_r, tg_r, sl_r = _completion_targets(p + c, rejected, p - 1, 2 * i + 1)
+            rows.append(
+                _Row(
+                    ids,
+                    positions,
+                    segments,
+                    np.concatenate([pa_c, pa_r]),
+                    np.concatenate([tg_c, tg_r]),
+                    np.concatenate([sl_c, sl_r]),
+                )
+            )
+    return rows
+
+
+def plan_batches(rows: list[_Row], batch_tokens: int) -> list[list[int]]:
+    """Group rows sorted by length (longest first) so each batch stays within the padded token budget."""
+    order = sorted(range(len(rows)), key=lambda k: (-len(rows[k].input_ids), k))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for k in order:
+        length = len(rows[k].input_ids)
+        longest_if_added = max(longest, length)
+        if current and longest_if_added * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current, longest_if_added = [], length
+        current.append(k)
+        longest = longest_if_added
+    if current:
+        batches.append(current)
+    return batches
+
+
+class LogProbScorer:
+    """Computes summed completion log-probs for rows with one causal LM (any Hugging Face architecture)."""
+
+    def __init__(self, model: torch.nn.Module, settings: ScoreSettings | None = None) -> None:
+        self.model = model
+        self.settings = settings or ScoreSettings()
+        self.body = model.base_model if model.base_model is not model else None
+        self.head = model.get_output_embeddings()
+        config = model.config
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.logit_scale = getattr(config, "logit_scale", None)  # Cohere multiplies logits by it
+        self.logits_scaling = getattr(config, "logits_scaling", None)  # Granite divides logits by it
+        self.attn_implementation = getattr(config, "_attn_implementation", "eager") or "eager"
+        self.device = next(model.parameters()).device
+        self.use_full_forward = self.body is None or self.head is None
+        self._checked_head = False
+
+    # -- public -------------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def score(
+        self,
+        tokenized: TokenizedPairs,
+        progress: Callable[[int], None] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Return (chosen_logp, rejected_logp) per pair as float64 arrays; NaN for pairs TRL would drop."""
+        rows = build_rows(tokenized, self.settings.layout)
+        totals = np.zeros(2 * len(tokenized), dtype=np.float64)
+        if not self._checked_head and rows:
+            self._check_head_path(rows[0])
+        batch_tokens = self.settings.batch_tokens
+        for batch in plan_batches(rows, batch_tokens):
+            for sub_batch in self._run_with_oom_retry([rows[k] for k in batch]):
+                values, slots = sub_batch
+                np.add.at(totals, slots, values)
+            if progress is not None:
+                progress(len(batch) if self.settings.layout == "prefix" else len(batch) / 2)
+        chosen, rejected = totals[0::2].copy(), totals[1::2].copy()
+        chosen[tokenized.dropped] = np.nan
+        rejected[tokenized.dropped] = np.nan
+        return chosen, rejected
+
+    # -- internals ----------------------------------------------------------------------------------------------
+
+    def _run_with_oom_retry(self, rows: list[_Row]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Score rows; on out-of-memory split the batch in halves and retry, so no pair is lost."""
+        try:
+            yield self._forward(rows)
+        except torch.OutOfMemoryError:
+            if len(rows) == 1:
+                raise RunError(
+                    f"out of memory scoring a single sequence of {len(rows[0].input_ids)} tokens",
+                    hint="use --max-length, a smaller --dtype, or a device with more memory",
+                ) from None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            half = len(rows) // 2
+            log.warning("out of memory on a batch of %d rows; retrying in halves of %d", len(rows), half)
+            self.settings = dataclasses.replace(self.settings, batch_tokens=max(1, self.settings.batch_tokens // 2))
+            yield from self._run_with_oom_retry(rows[:half])
+            yield from self._run_with_oom_retry(rows[half:])
+
+    def _forward(self, rows: list[_Row]) -> tuple[np.ndarray, np.ndarray]:
+        """One padded forward pass; returns per-token log-probs (fp32 -> float64) and their output slots."""
+        batch, length = len(rows), max(len(r.input_ids) for r in rows)
+        ids = np.zeros((batch, length), dtype=np.int64)
+        pos = np.zeros((batch, length), dtype=np.int64)
+        seg = np.full((batch, length), _PAD, dtype=np.int64)
+        flat_predict, targets, slots = [], [], []
+        for b, row in enumerate(rows):
+            n = len(row.input_ids)
+            at = slice(length - n, length) if self.settings.padding_side == "left" else slice(0, n)
+            ids[b, at], pos[b, at], seg[b, at] = row.input_ids, row.position_ids, row.segments
+            flat_predict.append(row.predict_at + b * length + at.start)
+            targets.append(row.targets)
+            slots.append(row.slots)
+        device = self.device
+        input_ids = torch.from_numpy(ids).to(device)
+        position_ids = torch.from_numpy(pos).to(device)
+        mask = self._attention_mask(torch.from_numpy(seg).to(device))
+        flat_predict_t = torch.from_numpy(np.concatenate(flat_predict)).to(device)
+        targets_t = torch.from_numpy(np.concatenate(targets)).to(device)
+
+        if self.use_full_forward:
+            logits = self.model(
+                input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
+            ).logits
+            selected = logits.reshape(batch * length, -1)[flat_predict_t]
+            token_logps = self._logps_from_logits(selected, targets_t)
+        else:
+            hidden = self.body(
+                input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state
+            selected = hidden.reshape(batch * length, -1)[flat_predict_t]
+            token_logps = self._head_logps(selected, targets_t)
+        return token_logps.double().cpu().numpy(), np.concatenate(slots)
+
+    def _attention_mask(self, segments: torch.Tensor) -> torch.Tensor:
+        """[B,1,L,L] mask: causal, a response never attends to the other response, nothing attends to padding
+        (a padding query sees only itself, so no softmax row is empty)."""
+        length = segments.shape[1]
+        idx = torch.arange(length, device=segments.device)
+        causal = idx[None, :] <= idx[:, None]  # [q, k]
+        seg_q = segments[:, :, None]
+        seg_k = segments[:, None, :]
+        same_or_prompt = (seg_k == _PROMPT) | ((seg_k == seg_q) & (seg_k != _PAD))
+        allowed = causal[None] & (same_or_prompt | torch.eye(length, dtype=torch.bool, device=segments.device)[None])
+        allowed = allowed[:, None]
+        if self.attn_implementation == "sdpa":
+            return allowed
+        # eager (and other additive-mask kernels): 0 where allowed, the dtype's minimum elsewhere
+        dtype = next(self.model.parameters()).dtype
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
+        return additive.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+    def _head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head on selected hidden states, returned in fp32, with the model's own logit transforms."""
+        weight = self.head.weight
+        if hidden.device.type == "cuda" and weight.dtype in (torch.bfloat16, torch.float16):
+            logits = torch.mm(hidden, weight.t(), out_dtype=torch.float32)  # fp32 out: no bf16 rounding of logits
+            if getattr(self.head, "bias", None) is not None:
+                logits = logits + self.head.bias.float()
+        else:
+            logits = self.head(hidden).float()
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
+        if self.logits_scaling is not None:
+            logits = logits / self.logits_scaling
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def _head_logps(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-token log-probs through the LM head, chunked so one fp32 logits block stays small."""
+        vocab = self.head.weight.shape[0]
+        chunk = max(1, self.settings.head_chunk_bytes // (4 * vocab))
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            stop = start + chunk
+            logits = self._head_logits(hidden[start:stop])
+            out[start:stop] = self._logps_from_logits(logits, targets[start:stop])
+        return out
+
+    @staticmethod
+    def _logps_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+    def _check_head_path(self, row: _Row) -> None:
+        """Check once that body + head reproduces the model's own logits; if not, fall back to full forwards."""
+        self._checked_head = True
+        if self.use_full_forward:
+            return
+        n = min(len(row.input_ids), 16)
+        ids = torch.from_numpy(row.input_ids[:n][None]).to(self.device)
+        full = self.model(input_ids=ids, use_cache=False).logits[0].float()
+        ours = self._head_logits(self.body(input_ids=ids, use_cache=False).last_hidden_state[0])
+        scale = float(full.abs().max().clamp_min(1.0))
+        tolerance = 1e-3 if self.head.weight.dtype == torch.float32 else 3e-2  # bf16/fp16 logits round at ~0.4%
+        if not torch.allclose(full, ours, atol=tolerance * scale, rtol=tolerance):
+            log.warning(
+                "%s: hidden-state + LM-head path does not reproduce the model's logits; using full forward passes",
+                type(self.model).__name__,
+            )
+            self.use_full_forward = True

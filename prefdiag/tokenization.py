@@ -1,0 +1,154 @@
+"""Tokenization identical to TRL 1.x DPOTrainer: EOS appended to string completions, prompt and prompt+completion
+tokenized separately with the tokenizer's special tokens, the completion starting at their common prefix, and
+keep_start truncation of prompt+chosen and prompt+rejected at ``max_length`` (pairs whose prompt fills it dropped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from prefdiag.errors import ModelError
+
+
+@dataclass
+class TokenizedPairs:
+    """Token ids of every pair as TRL lays them out, plus what truncation did to each."""
+
+    prompt_ids: list[list[int]]  # the shared prompt (TRL's prompt_ids[:prompt_len])
+    chosen_ids: list[list[int]]  # completion ids after truncation
+    rejected_ids: list[list[int]]
+    chosen_full_tokens: np.ndarray  # completion lengths before truncation
+    rejected_full_tokens: np.ndarray
+    boundary_mismatch: np.ndarray  # tokenized prompt is not a prefix of tokenized prompt+completion
+    truncated: np.ndarray  # some completion token was cut by max_length
+    dropped: np.ndarray  # the prompt alone reaches max_length: TRL drops the pair, we report it unscored
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def prompt_tokens(self) -> np.ndarray:
+        return np.fromiter((len(p) for p in self.prompt_ids), dtype=np.int64, count=len(self))
+
+    @property
+    def chosen_tokens(self) -> np.ndarray:
+        return np.fromiter((len(c) for c in self.chosen_ids), dtype=np.int64, count=len(self))
+
+    @property
+    def rejected_tokens(self) -> np.ndarray:
+        return np.fromiter((len(r) for r in self.rejected_ids), dtype=np.int64, count=len(self))
+
+
+def is_conversation(value: Any) -> bool:
+    """True for a list of {role, content} messages (TRL's conversational format)."""
+    return isinstance(value, list) and len(value) > 0 and isinstance(value[0], dict) and "role" in value[0]
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Number of leading tokens a and b share."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    out = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
+    )
+    return list(out["input_ids"])
+
+
+def tokenize_pairs(
+    tokenizer,
+    prompts: Sequence[Any],
+    chosen: Sequence[Any],
+    rejected: Sequence[Any],
+    *,
+    max_length: int | None = None,
+) -> TokenizedPairs:
+    """Tokenize pairs exactly as TRL's DPOTrainer does (see module docstring); strings and conversations mixed."""
+    n = len(prompts)
+    conversational = [is_conversation(p) or is_conversation(c) for p, c in zip(prompts, chosen)]
+    if any(conversational) and not getattr(tokenizer, "chat_template", None):
+        raise ModelError(
+            "the data is conversational but the tokenizer has no chat template",
+            hint="pass --tokenizer with a chat template, or use standard-format (string) data",
+        )
+    eos = tokenizer.eos_token
+
+    prompt_ids: list[list[int]] = [[] for _ in range(n)]
+    full_chosen: list[list[int]] = [[] for _ in range(n)]
+    full_rejected: list[list[int]] = [[] for _ in range(n)]
+
+    string_rows = [i for i in range(n) if not conversational[i]]
+    if string_rows:
+        texts_p = [prompts[i] for i in string_rows]
+        texts_c = [_with_eos(chosen[i], eos) for i in string_rows]
+        texts_r = [_with_eos(rejected[i], eos) for i in string_rows]
+        enc_p = tokenizer(texts_p)["input_ids"]
+        enc_c = tokenizer([p + c for p, c in zip(texts_p, texts_c)])["input_ids"]
+        enc_r = tokenizer([p + r for p, r in zip(texts_p, texts_r)])["input_ids"]
+        for k, i in enumerate(string_rows):
+            prompt_ids[i], full_chosen[i], full_rejected[i] = list(enc_p[k]), list(enc_c[k]), list(enc_r[k])
+    for i in range(n):
+        if conversational[i]:
+            prompt_ids[i] = _chat_ids(tokenizer, list(prompts[i]), add_generation_prompt=True)
+            full_chosen[i] = _chat_ids(tokenizer, list(prompts[i]) + list(chosen[i]), add_generation_prompt=False)
+            full_rejected[i] = _chat_ids(
+                tokenizer, list(prompts[i]) + list(rejected[i]), add_generation_prompt=False
+            )
+
+    shared, chosen_ids, rejected_ids = [], [], []
+    chosen_full = np.zeros(n, dtype=np.int64)
+    rejected_full = np.zeros(n, dtype=np.int64)
+    mismatch = np.zeros(n, dtype=bool)
+    truncated = np.zeros(n, dtype=bool)
+    dropped = np.zeros(n, dtype=bool)
+    for i in range(n):
+        p = prompt_ids[i]
+        prompt_len = min(common_prefix_length(p, full_chosen[i]), common_prefix_length(p, full_rejected[i]))
+        mismatch[i] = prompt_len < len(p)
+        c, r = full_chosen[i][prompt_len:], full_rejected[i][prompt_len:]
+        chosen_full[i], rejected_full[i] = len(c), len(r)
+        if max_length is not None:
+            room = max(0, max_length - prompt_len)
+            dropped[i] = prompt_len >= max_length
+            truncated[i] = not dropped[i] and (len(c) > room or len(r) > room)
+            c, r = c[:room], r[:room]
+        shared.append(p[:prompt_len])
+        chosen_ids.append(c)
+        rejected_ids.append(r)
+
+    settings = {
+        "scheme": "trl-1.x",
+        "max_length": max_length,
+        "truncation_mode": "keep_start",
+        "eos_token": eos,
+        "bos_token": getattr(tokenizer, "bos_token", None),
+        "chat_template_sha256": _sha256(getattr(tokenizer, "chat_template", None)),
+        "tokenizer": getattr(tokenizer, "name_or_path", None),
+    }
+    return TokenizedPairs(
+        shared, chosen_ids, rejected_ids, chosen_full, rejected_full, mismatch, truncated, dropped, settings
+    )
+
+
+def _with_eos(text: str, eos: str | None) -> str:
+    if eos and not text.endswith(eos):
+        return text + eos
+    return text
+
+
+def _sha256(text: str | None) -> str | None:
+    if not text:
+        return None
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
