@@ -1,0 +1,110 @@
+"""The real CLI end to end: audit and compare, files under --output, JSON on stdout, exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from prefdiag.cli import app
+
+PAIR_COLUMNS = ["pair_id", "prompt_tokens", "chosen_tokens", "rejected_tokens", "ref_chosen_logp",
+                "ref_rejected_logp", "ref_margin", "ref_prefers_rejected", "truncated"]
+POLICY_COLUMNS = ["policy_chosen_logp", "policy_rejected_logp", "policy_margin", "reward_chosen",
+                  "reward_rejected", "reward_margin", "dpo_loss", "negative_margin_regime", "chosen_displaced",
+                  "both_displaced"]
+SUMMARY_KEYS = ["schema_version", "n_pairs", "beta", "reward_accuracy", "ranking_accuracy", "ref_ranking_accuracy",
+                "mean_dpo_loss", "mean_reward_margin", "negative_margin_regime_rate", "chosen_displaced_rate",
+                "both_displaced_rate", "ref_prefers_rejected_rate", "truncated_rate", "provenance", "verdict"]
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_compare_writes_table_summary_and_report(model_dirs, pairs_file, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("compare", pairs_file, "-r", model_dirs["llama"], "-p", model_dirs["llama-policy"],
+                    "--device", "cpu", "--output", out, "--beta", "0.2")
+    assert result.exit_code == 0, result.output
+    assert "negative-margin regime" in result.stdout and "verdict" in result.stdout
+    pairs = pd.read_parquet(out / "pairs.parquet")
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(PAIR_COLUMNS + POLICY_COLUMNS) <= set(pairs.columns)
+    assert set(SUMMARY_KEYS) <= set(summary)
+    assert pairs["pair_id"].tolist() == [f"q{i:03d}" for i in range(len(pairs))]  # input order, ids kept
+    assert summary["n_pairs"] == len(pairs) and summary["beta"] == 0.2
+    assert summary["reward_accuracy"] == pytest.approx((pairs["reward_margin"] > 0).mean())
+    assert summary["ranking_accuracy"] == pytest.approx((pairs["policy_margin"] > 0).mean())
+    nmr = (pairs["reward_margin"] > 0) & (pairs["policy_margin"] < 0)
+    assert pairs["negative_margin_regime"].tolist() == nmr.tolist()
+    assert summary["negative_margin_regime_rate"] == pytest.approx(nmr.mean())
+    assert pairs["reward_margin"].to_numpy() == pytest.approx(
+        0.2 * (pairs["policy_margin"] - pairs["ref_margin"]).to_numpy())
+    provenance = summary["provenance"]
+    assert provenance["reference"]["name"] == str(model_dirs["llama"])
+    assert provenance["dataset"]["content_sha256"]
+    assert provenance["tokenization"]["scheme"] == "trl-1.x"
+    report = (out / "report.md").read_text()
+    assert "Verdict" in report and "negative-margin regime" in report
+
+
+def test_audit_json_on_stdout(model_dirs, pairs_file):
+    result = invoke("audit", pairs_file, "--reference", model_dirs["gpt2"], "--device", "cpu", "--format", "json",
+                    "--quiet")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["command"] == "audit" and summary["n_pairs"] == 24
+    assert 0 <= summary["ref_ranking_accuracy"] <= 1
+    assert "reward_accuracy" not in summary
+
+
+def test_same_numbers_from_the_cli_in_table_and_json_modes(model_dirs, chat_file, tmp_path):
+    a = invoke("compare", chat_file, "-r", model_dirs["qwen"], "-p", model_dirs["qwen-policy"], "--device", "cpu",
+               "-f", "json", "-q")
+    b = invoke("compare", chat_file, "-r", model_dirs["qwen"], "-p", model_dirs["qwen-policy"], "--device", "cpu",
+               "-q", "-o", tmp_path / "o", "--batch-tokens", "64")
+    assert a.exit_code == b.exit_code == 0
+    first = json.loads(a.stdout)
+    second = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert first["mean_dpo_loss"] == pytest.approx(second["mean_dpo_loss"], abs=1e-7)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["compare", "missing.jsonl", "-r", "{ref}", "-p", "{pol}"], "missing.jsonl: no such file"),
+        (["compare", "{data}", "-r", "{ref}", "-p", "{pol}", "--beta", "-1"], "--beta must be > 0"),
+        (["compare", "{data}", "-r", "/nonexistent/model", "-p", "{pol}"], "does not exist"),
+        (["audit", "{data}", "-r", "{ref}", "--chosen-column", "answer"], "missing column 'answer'"),
+        (["compare", "{data}", "-r", "{ref}", "-p", "{other}"], "vocabulary"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(model_dirs, pairs_file, tmp_path, args, message):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = tmp_path / "other"
+    LlamaForCausalLM(LlamaConfig(vocab_size=123, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(other)
+    values = {"ref": model_dirs["llama"], "pol": model_dirs["llama-policy"], "data": pairs_file, "other": other}
+    out = tmp_path / "out"
+    result = invoke(*[a.format(**values) for a in args], "--output", out, "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+    assert result.stderr.startswith("Error: ")
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_module_entry_point_and_help_for_every_command():
+    done = subprocess.run([sys.executable, "-m", "prefdiag", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "compare" in done.stdout
+    for command in ("audit", "compare"):
+        result = runner.invoke(app, [command, "--help"])
+        assert result.exit_code == 0 and "Example:" in result.stdout

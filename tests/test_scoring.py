@@ -1,0 +1,101 @@
+"""The scoring engine equals an unbatched fp32 full-logits computation, and no batching choice changes a number."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from oracle import full_logits_logp
+
+from prefdiag.scoring import LogProbScorer, ScoreSettings
+from prefdiag.tokenization import tokenize_pairs
+
+
+def _load(model_dirs, style):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = model_dirs[style]
+    return AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path, dtype="float32").eval()
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _tokenize(tokenizer, rows, **kwargs):
+    return tokenize_pairs(tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows],
+                          [r["rejected"] for r in rows], **kwargs)
+
+
+@pytest.mark.parametrize("style", ["llama", "gpt2", "qwen"])
+@pytest.mark.parametrize("layout", ["prefix", "separate"])
+def test_logps_equal_unbatched_full_logits(model_dirs, pairs_file, chat_file, style, layout):
+    tokenizer, model = _load(model_dirs, style)
+    rows = _rows(chat_file if style == "qwen" else pairs_file)
+    tokenized = _tokenize(tokenizer, rows)
+    chosen, rejected = LogProbScorer(model, ScoreSettings(batch_tokens=256, layout=layout)).score(tokenized)
+    for i in range(len(rows)):
+        expected_c, n_c = full_logits_logp(model, tokenized.prompt_ids[i], tokenized.chosen_ids[i])
+        expected_r, n_r = full_logits_logp(model, tokenized.prompt_ids[i], tokenized.rejected_ids[i])
+        assert chosen[i] == pytest.approx(expected_c, abs=1e-4)
+        assert rejected[i] == pytest.approx(expected_r, abs=1e-4)
+        assert (n_c, n_r) == (len(tokenized.chosen_ids[i]), len(tokenized.rejected_ids[i]))
+    assert np.abs(chosen - rejected).max() > 1.0  # the test models tell responses apart
+
+
+@pytest.mark.parametrize("style", ["llama", "gpt2"])
+def test_batch_size_order_and_padding_side_change_nothing(model_dirs, pairs_file, style):
+    tokenizer, model = _load(model_dirs, style)
+    rows = _rows(pairs_file)
+    tokenized = _tokenize(tokenizer, rows)
+    base_c, base_r = LogProbScorer(model, ScoreSettings(batch_tokens=1)).score(tokenized)  # one pair per batch
+    variants = [
+        ScoreSettings(batch_tokens=100_000),
+        ScoreSettings(batch_tokens=300, padding_side="left"),
+        ScoreSettings(batch_tokens=500, layout="separate", padding_side="left"),
+    ]
+    for settings in variants:
+        c, r = LogProbScorer(model, settings).score(tokenized)
+        np.testing.assert_allclose(c, base_c, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(r, base_r, atol=1e-5, rtol=0)
+    order = np.random.default_rng(0).permutation(len(rows))
+    shuffled = _tokenize(tokenizer, [rows[k] for k in order])
+    c, r = LogProbScorer(model, ScoreSettings(batch_tokens=700)).score(shuffled)
+    np.testing.assert_allclose(c, base_c[order], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(r, base_r[order], atol=1e-5, rtol=0)
+
+
+def test_truncated_pairs_score_what_trl_scores_and_dropped_pairs_are_nan(model_dirs, pairs_file):
+    tokenizer, model = _load(model_dirs, "llama")
+    rows = _rows(pairs_file)
+    tokenized = _tokenize(tokenizer, rows, max_length=24)
+    assert tokenized.truncated.any() and tokenized.dropped.any()
+    chosen, rejected = LogProbScorer(model).score(tokenized)
+    for i in range(len(rows)):
+        if tokenized.dropped[i]:
+            assert np.isnan(chosen[i]) and np.isnan(rejected[i])
+            continue
+        assert len(tokenized.prompt_ids[i]) + len(tokenized.chosen_ids[i]) <= 24
+        expected, _ = full_logits_logp(model, tokenized.prompt_ids[i], tokenized.chosen_ids[i])
+        assert chosen[i] == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_model_whose_head_transform_we_do_not_know_falls_back_to_full_forwards(model_dirs, pairs_file):
+    tokenizer, model = _load(model_dirs, "llama")
+    rows = _rows(pairs_file)[:4]
+    tokenized = _tokenize(tokenizer, rows)
+    expected = LogProbScorer(model).score(tokenized)
+    original_forward = model.forward
+
+    def scaled_forward(*args, **kwargs):  # an unknown architecture that rescales its logits
+        out = original_forward(*args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+    model.forward = scaled_forward
+    scorer = LogProbScorer(model)
+    chosen, _ = scorer.score(tokenized)
+    assert scorer.use_full_forward
+    for i in range(len(rows)):
+        assert chosen[i] != pytest.approx(expected[0][i], abs=1e-3)
