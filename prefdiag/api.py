@@ -9,6 +9,7 @@ import logging
 import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -40,6 +41,8 @@ class RunOptions:
     trust_remote_code: bool = False
     split: str | None = None
     columns: ColumnMap = field(default_factory=ColumnMap)
+    cache: bool = True  # reuse and save per-pair log-probs on disk (see prefdiag.cache)
+    cache_dir: str | None = None
 
     def validate(self) -> None:
         if not self.beta > 0:
@@ -123,28 +126,28 @@ def _score(
     progress: ProgressFactory | None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Tokenize once, score under the reference (and the policy), return the log-prob columns and provenance."""
-    import torch
-
     from prefdiag import models
-    from prefdiag.scoring import LogProbScorer, ScoreSettings
     from prefdiag.tokenization import tokenize_pairs
 
     device = models.resolve_device(options.device)
     dtype = models.resolve_dtype(options.dtype, device)
     models.check_model_path(reference, "reference")
-    if policy is not None:
+    adapter = policy if policy is not None and models.is_adapter(policy) else None
+    if policy is not None and adapter is None:
         models.check_model_path(policy, "policy")
     tokenizer = models.load_tokenizer(
         options.tokenizer or reference,
         revision=None if options.tokenizer else options.reference_revision,
         trust_remote_code=options.trust_remote_code,
     )
+    if policy is not None and adapter is None:
+        models.check_same_vocabulary(
+            reference, policy, tokenizer, reference_revision=options.reference_revision,
+            policy_revision=options.policy_revision, trust_remote_code=options.trust_remote_code,
+        )  # fmt: skip
     table = pairs.table
     tokenized = tokenize_pairs(
         tokenizer, list(table["prompt"]), list(table["chosen"]), list(table["rejected"]), max_length=options.max_length
-    )
-    settings = ScoreSettings(
-        batch_tokens=options.batch_tokens or (16384 if device.type == "cuda" else 4096), layout=options.layout
     )
     columns = pd.DataFrame(
         {
@@ -153,37 +156,107 @@ def _score(
             "rejected_tokens": tokenized.rejected_tokens,
         }
     )
-    if policy is not None:
-        models.check_same_vocabulary(
-            reference, policy, tokenizer, reference_revision=options.reference_revision,
-            policy_revision=options.policy_revision, trust_remote_code=options.trust_remote_code,
-        )  # fmt: skip
-    runs = [("ref", reference, options.reference_revision)]
-    if policy is not None:
-        runs.append(("policy", policy, options.policy_revision))
+    scorer = _ModelPasses(tokenized, options, device, dtype, progress)
     provenance: dict[str, Any] = {"tokenization": tokenized.settings, "device": str(device)}
-    for prefix, name, revision in runs:
-        loaded = models.load_model(
-            name,
-            dtype=dtype,
-            device=device,
-            revision=revision,
-            trust_remote_code=options.trust_remote_code,
-            what="reference" if prefix == "ref" else "policy",
-        )
-        label = "reference" if prefix == "ref" else "policy"
-        advance = progress(f"scoring {label}", len(tokenized)) if progress else None
-        chosen, rejected = LogProbScorer(loaded.model, settings).score(tokenized, advance)
-        columns[f"{prefix}_chosen_logp"] = chosen
-        columns[f"{prefix}_rejected_logp"] = rejected
-        provenance["reference" if prefix == "ref" else "policy"] = loaded.provenance()
-        del loaded  # free one model before the next is loaded
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    provenance["reference"] = scorer.run("reference", reference, options.reference_revision)
+    if policy is not None:
+        if adapter is not None:
+            provenance["policy"] = scorer.run("policy", reference, options.reference_revision, adapter=adapter)
+        else:
+            provenance["policy"] = scorer.run("policy", policy, options.policy_revision)
+    scorer.release()
+    columns["ref_chosen_logp"], columns["ref_rejected_logp"] = scorer.results["reference"]
+    if policy is not None:
+        columns["policy_chosen_logp"], columns["policy_rejected_logp"] = scorer.results["policy"]
     columns["truncated"] = tokenized.truncated
     columns["dropped"] = tokenized.dropped
     columns["boundary_mismatch"] = tokenized.boundary_mismatch
     return columns, provenance
+
+
+class _ModelPasses:
+    """One scoring pass per model, through the on-disk cache: cached pairs are not scored again, finished batches
+    are saved as they complete (so an interrupted run resumes), and a fully cached model is never loaded. A LoRA
+    policy reuses the reference's weights already in memory, with the adapter attached."""
+
+    def __init__(self, tokenized, options: RunOptions, device, dtype, progress: ProgressFactory | None) -> None:
+        from prefdiag.cache import pair_keys
+
+        self.tokenized, self.options, self.device, self.dtype, self.progress = (
+            tokenized, options, device, dtype, progress
+        )  # fmt: skip
+        self.keys = pair_keys(tokenized.prompt_ids, tokenized.chosen_ids, tokenized.rejected_ids)
+        self.results: dict[str, tuple[Any, Any]] = {}
+        self.loaded = None  # the model in memory, kept for a LoRA policy on the same base
+
+    def run(self, label: str, name: str, revision: str | None, adapter: str | None = None) -> dict[str, Any]:
+        import numpy as np
+
+        from prefdiag import models
+        from prefdiag.cache import LogProbCache, default_cache_dir, model_key
+        from prefdiag.scoring import LogProbScorer, ScoreSettings
+
+        options, tokenized = self.options, self.tokenized
+        identity = models.model_identity(
+            name, dtype=self.dtype, device=self.device, revision=revision,
+            trust_remote_code=options.trust_remote_code, adapter=adapter,
+        )  # fmt: skip
+        n = len(tokenized)
+        chosen, rejected = np.full(n, np.nan), np.full(n, np.nan)
+        cache = None
+        if options.cache:
+            cache = LogProbCache(Path(options.cache_dir or default_cache_dir()), model_key(identity), identity)
+            cached = cache.load()
+            for i, key in enumerate(self.keys):
+                if key in cached and not tokenized.dropped[i]:
+                    chosen[i], rejected[i] = cached[key]
+        todo = np.flatnonzero(np.isnan(chosen) & ~tokenized.dropped)
+        record: dict[str, Any] = {
+            **identity,
+            "device": str(self.device),
+            "pairs_from_cache": int(n - tokenized.dropped.sum() - len(todo)),
+        }
+        self.results[label] = (chosen, rejected)
+        if len(todo) == 0:
+            log.info("%s: all %d pairs found in the cache; model not loaded", label, n)
+            return record
+
+        if self.loaded is None or self.loaded.name != name or adapter is None:
+            self.release()
+            self.loaded = models.load_model(
+                name, dtype=self.dtype, device=self.device, revision=revision,
+                trust_remote_code=options.trust_remote_code, what=label,
+            )  # fmt: skip
+        model = models.attach_adapter(self.loaded, adapter) if adapter is not None else self.loaded
+        record.update(model.provenance())
+        settings = ScoreSettings(
+            batch_tokens=options.batch_tokens or (16384 if self.device.type == "cuda" else 4096),
+            layout=options.layout,
+        )
+        advance = self.progress(f"scoring {label}", len(todo)) if self.progress else None
+
+        def save(done, done_chosen, done_rejected) -> None:
+            if cache is not None:
+                cache.add([self.keys[i] for i in done], done_chosen, done_rejected)
+
+        try:
+            scored_c, scored_r = LogProbScorer(model.model, settings).score(tokenized, advance, todo, save)
+        finally:
+            if cache is not None:
+                cache.flush()
+        chosen[todo], rejected[todo] = scored_c[todo], scored_r[todo]
+        return record
+
+    def release(self) -> None:
+        """Free the model in memory (and the GPU cache) before the next one is loaded."""
+        if self.loaded is None:
+            return
+        device = self.loaded.device
+        self.loaded = None
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
 
 
 def _options_record(options: RunOptions) -> dict[str, Any]:

@@ -5,6 +5,7 @@ policy fits its reference. Remote code runs only when the caller asks for it; sa
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +32,11 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     fingerprint: str
+    base: str | None = None  # for an adapter: the base model it is applied to
 
     def provenance(self) -> dict[str, Any]:
         return {
+            **({"adapter_base": self.base} if self.base else {}),
             "name": self.name,
             "revision": self.revision,
             "commit": self.commit,
@@ -152,13 +155,71 @@ def load_model(
     )
 
 
+def is_adapter(name: str) -> bool:
+    """True for a PEFT adapter directory (adapter_config.json), e.g. a LoRA policy."""
+    return (Path(name) / "adapter_config.json").is_file()
+
+
+def adapter_base(name: str) -> str | None:
+    """The base model an adapter was trained on, as its adapter_config.json records it."""
+    config = json.loads((Path(name) / "adapter_config.json").read_text())
+    return config.get("base_model_name_or_path")
+
+
+def model_identity(
+    name: str, *, dtype: torch.dtype, device: torch.device, revision: str | None = None,
+    trust_remote_code: bool = False, adapter: str | None = None,
+) -> dict[str, Any]:
+    """What identifies a model's numbers, known before its weights are loaded (the cache key is built from it)."""
+    commit = None
+    if not Path(name).is_dir():  # a hub id: the resolved commit pins the weights
+        from transformers import AutoConfig
+
+        try:
+            commit = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)._commit_hash
+        except Exception as exc:
+            raise ModelError(f"cannot read the config of {name!r}: {_first_line(exc)}") from exc
+    identity = {
+        "name": str(Path(name).resolve()) if Path(name).is_dir() else name,
+        "revision": revision,
+        "commit": commit,
+        "fingerprint": weights_fingerprint(name, commit),
+        "dtype": str(dtype).removeprefix("torch."),
+        "device_type": device.type,
+    }
+    if adapter is not None:
+        identity["adapter"] = {"name": str(Path(adapter).resolve()), "fingerprint": weights_fingerprint(adapter)}
+    return identity
+
+
+def attach_adapter(loaded: LoadedModel, adapter: str) -> LoadedModel:
+    """Wrap a loaded base model with a PEFT adapter (active); the base alone is the adapter disabled, as in TRL."""
+    from peft import PeftModel
+
+    try:
+        peft_model = PeftModel.from_pretrained(loaded.model, adapter)
+    except Exception as exc:
+        raise ModelError(f"cannot load the adapter {adapter!r} onto {loaded.name!r}: {_first_line(exc)}") from exc
+    peft_model.eval()
+    return LoadedModel(
+        model=peft_model.get_base_model(),  # the causal LM with the adapter's layers injected and enabled
+        name=adapter,
+        revision=None,
+        commit=None,
+        dtype=loaded.dtype,
+        device=loaded.device,
+        fingerprint=weights_fingerprint(adapter),
+        base=loaded.name,
+    )
+
+
 def weights_fingerprint(name: str, commit: str | None = None) -> str:
     """A cheap identity of the weights: sizes and mtimes of local weight files, or the hub commit."""
     path = Path(name)
     digest = hashlib.sha256()
     if path.is_dir():
         for file in sorted(path.iterdir()):
-            if file.suffix in (".safetensors", ".bin", ".json") or file.name.endswith(".index.json"):
+            if file.suffix in (".safetensors", ".bin", ".json", ".model", ".jinja", ".txt"):
                 stat = file.stat()
                 digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     else:

@@ -53,6 +53,7 @@ class _Row:
     predict_at: np.ndarray  # [N] row index whose hidden state predicts the token
     targets: np.ndarray  # [N] token id predicted
     slots: np.ndarray  # [N] output slot: 2*pair (chosen) or 2*pair+1 (rejected)
+    pair: int  # the pair this row belongs to
 
 
 def _completion_targets(start: int, ids: Sequence[int], first_predictor: int, slot: int):
@@ -66,12 +67,12 @@ def _completion_targets(start: int, ids: Sequence[int], first_predictor: int, sl
     return predict_at[keep], targets[keep], np.full(int(keep.sum()), slot, dtype=np.int64)
 
 
-def build_rows(tokenized: TokenizedPairs, layout: str = "prefix") -> list[_Row]:
-    """Lay every scorable pair out as model rows for the chosen layout."""
+def build_rows(tokenized: TokenizedPairs, layout: str = "prefix", pairs: Sequence[int] | None = None) -> list[_Row]:
+    """Lay the given pairs (default: all) out as model rows for the chosen layout; dropped pairs get no row."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     rows: list[_Row] = []
-    for i in range(len(tokenized)):
+    for i in range(len(tokenized)) if pairs is None else pairs:
         if tokenized.dropped[i]:
             continue
         prompt = tokenized.prompt_ids[i]
@@ -84,7 +85,7 @@ def build_rows(tokenized: TokenizedPairs, layout: str = "prefix") -> list[_Row]:
                 segments = np.full(len(ids), _PROMPT, dtype=np.int8)
                 segments[p:] = _CHOSEN
                 pa, tg, sl = _completion_targets(p, completion, p - 1, 2 * i + side)
-                rows.append(_Row(ids, np.arange(len(ids), dtype=np.int64), segments, pa, tg, sl))
+                rows.append(_Row(ids, np.arange(len(ids), dtype=np.int64), segments, pa, tg, sl, i))
         else:
             c, r = len(chosen), len(rejected)
             ids = np.asarray(list(prompt) + list(chosen) + list(rejected), dtype=np.int64)
@@ -108,6 +109,7 @@ def build_rows(tokenized: TokenizedPairs, layout: str = "prefix") -> list[_Row]:
                     np.concatenate([pa_c, pa_r]),
                     np.concatenate([tg_c, tg_r]),
                     np.concatenate([sl_c, sl_r]),
+                    i,
                 )
             )
     return rows
@@ -156,22 +158,34 @@ class LogProbScorer:
         self,
         tokenized: TokenizedPairs,
         progress: Callable[[int], None] | None = None,
+        pairs: Sequence[int] | None = None,
+        on_pairs_done: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Return (chosen_logp, rejected_logp) per pair as float64 arrays; NaN for pairs TRL would drop."""
-        rows = build_rows(tokenized, self.settings.layout)
+        """Return (chosen_logp, rejected_logp) per pair as float64 arrays; NaN for pairs TRL would drop and for
+        pairs not in ``pairs``. ``on_pairs_done(indices, chosen, rejected)`` is called as pairs finish."""
+        rows = build_rows(tokenized, self.settings.layout, pairs)
         totals = np.zeros(2 * len(tokenized), dtype=np.float64)
+        rows_left = np.bincount([row.pair for row in rows], minlength=len(tokenized))
         if not self._checked_head and rows:
             self._check_head_path(rows[0])
-        batch_tokens = self.settings.batch_tokens
-        for batch in plan_batches(rows, batch_tokens):
-            for sub_batch in self._run_with_oom_retry([rows[k] for k in batch]):
-                values, slots = sub_batch
+        for batch in plan_batches(rows, self.settings.batch_tokens):
+            for values, slots in self._run_with_oom_retry([rows[k] for k in batch]):
                 np.add.at(totals, slots, values)
+            batch_pairs = np.array([rows[k].pair for k in batch])
+            np.subtract.at(rows_left, batch_pairs, 1)
+            done = np.unique(batch_pairs[rows_left[batch_pairs] == 0])
+            if on_pairs_done is not None and len(done):
+                on_pairs_done(done, totals[2 * done], totals[2 * done + 1])
             if progress is not None:
-                progress(len(batch) if self.settings.layout == "prefix" else len(batch) / 2)
+                progress(len(done))
         chosen, rejected = totals[0::2].copy(), totals[1::2].copy()
-        chosen[tokenized.dropped] = np.nan
-        rejected[tokenized.dropped] = np.nan
+        unscored = tokenized.dropped.copy()
+        if pairs is not None:
+            selected = np.zeros(len(tokenized), dtype=bool)
+            selected[np.asarray(pairs, dtype=np.int64)] = True
+            unscored |= ~selected
+        chosen[unscored] = np.nan
+        rejected[unscored] = np.nan
         return chosen, rejected
 
     # -- internals ----------------------------------------------------------------------------------------------

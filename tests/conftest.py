@@ -137,3 +137,11 @@ def chat_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in make_conversations()))
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Each test session gets its own log-prob cache directory (never the user's)."""
+    import os
+
+    os.environ["PREFDIAG_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))

@@ -78,4 +78,11 @@ TableFormatOpt = Annotated[
     TableFormat, typer.Option("--table-format", help="Format of the per-pair table written to --output.")
 ]
 Top = Annotated[int, typer.Option(help="How many worst pairs to show.")]
+NoCache = Annotated[
+    bool, typer.Option("--no-cache", help="Neither read nor write the per-pair log-prob cache.")
+]
+CacheDir = Annotated[
+    Optional[str],
+    typer.Option(help="Log-prob cache directory [default: $PREFDIAG_CACHE_DIR or ~/.cache/prefdiag]."),
+]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or logs on stderr.")]

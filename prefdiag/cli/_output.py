@@ -52,13 +52,15 @@ class ProgressBars:
         )
 
     def __enter__(self) -> "ProgressBars":
-        self.progress.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.progress.__exit__(*exc)
+        if self.progress.live.is_started:
+            self.progress.stop()
 
     def __call__(self, description: str, total: int) -> Callable[[float], None]:
+        if not self.progress.live.is_started:  # started on the first pass, so a failed load prints nothing
+            self.progress.start()
         task = self.progress.add_task(description, total=total)
         return lambda n: self.progress.advance(task, n)
 

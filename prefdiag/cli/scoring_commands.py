@@ -72,6 +72,8 @@ def audit(
     fmt: o.FormatOpt = o.OutputFormat.table,
     table_format: o.TableFormatOpt = o.TableFormat.parquet,
     top: o.Top = 10,
+    no_cache: o.NoCache = False,
+    cache_dir: o.CacheDir = None,
     quiet: o.Quiet = False,
 ) -> None:
     """Audit a preference dataset against a reference model, before any DPO training.
@@ -90,7 +92,7 @@ def audit(
         beta=beta, max_length=max_length, dtype=dtype, device=device, batch_tokens=batch_tokens,
         tokenizer=tokenizer, reference_revision=revision, trust_remote_code=trust_remote_code, split=split,
         prompt_column=prompt_column, chosen_column=chosen_column, rejected_column=rejected_column,
-        id_column=id_column,
+        id_column=id_column, cache=not no_cache, cache_dir=cache_dir,
     )  # fmt: skip
     with ProgressBars(quiet) as progress:
         result = api.audit(data, reference, options, progress)
@@ -120,6 +122,8 @@ def compare(
     fmt: o.FormatOpt = o.OutputFormat.table,
     table_format: o.TableFormatOpt = o.TableFormat.parquet,
     top: o.Top = 10,
+    no_cache: o.NoCache = False,
+    cache_dir: o.CacheDir = None,
     quiet: o.Quiet = False,
 ) -> None:
     """Compare a DPO-trained policy with its reference on a preference dataset.
@@ -138,6 +142,7 @@ def compare(
         tokenizer=tokenizer, reference_revision=revision, policy_revision=policy_revision,
         trust_remote_code=trust_remote_code, split=split, prompt_column=prompt_column,
         chosen_column=chosen_column, rejected_column=rejected_column, id_column=id_column,
+        cache=not no_cache, cache_dir=cache_dir,
     )  # fmt: skip
     with ProgressBars(quiet) as progress:
         result = api.compare(data, reference, policy, options, progress)

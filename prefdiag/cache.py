@@ -1,0 +1,102 @@
+"""On-disk cache of per-pair log-probs, so a second run with an unchanged model skips its pass and an interrupted
+run resumes where it stopped.
+
+Layout: ``<root>/<model key>/shard-*.parquet``, each shard holding ``pair_key, chosen_logp, rejected_logp``.
+The model key hashes what decides the numbers besides the tokens: the model's identity (path or hub id, revision,
+commit, a fingerprint of the weight files), dtype, device type and the scoring code's version. The pair key hashes
+the pair's token ids (prompt, chosen, rejected), so the tokenizer, chat template, truncation settings and the
+dataset's content are all part of it, and a dataset that gained or reordered pairs still hits the cache.
+The root is ``$PREFDIAG_CACHE_DIR``, else ``$XDG_CACHE_HOME/prefdiag``, else ``~/.cache/prefdiag``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+# Bump when a change to scoring changes numbers, so old caches are not reused.
+SCORING_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """Where the cache lives unless --cache-dir says otherwise."""
+    if os.environ.get("PREFDIAG_CACHE_DIR"):
+        return Path(os.environ["PREFDIAG_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "prefdiag"
+
+
+def model_key(identity: dict[str, Any]) -> str:
+    """A stable hash of a model's identity record plus the scoring version."""
+    payload = json.dumps({**identity, "scoring_version": SCORING_VERSION}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def pair_keys(prompt_ids: Sequence[Sequence[int]], chosen_ids, rejected_ids) -> list[str]:
+    """One hash per pair of its token ids (the three parts kept apart)."""
+    keys = []
+    for p, c, r in zip(prompt_ids, chosen_ids, rejected_ids):
+        digest = hashlib.blake2b(digest_size=16)
+        for part in (p, c, r):
+            digest.update(np.asarray(part, dtype=np.int64).tobytes())
+            digest.update(b"|")
+        keys.append(digest.hexdigest())
+    return keys
+
+
+class LogProbCache:
+    """Per-pair (chosen, rejected) log-probs of one model, read at start and appended to as batches finish."""
+
+    def __init__(self, root: Path, key: str, identity: dict[str, Any], flush_seconds: float = 30.0) -> None:
+        self.dir = Path(root) / key
+        self.identity = identity
+        self.flush_seconds = flush_seconds
+        self._pending: list[tuple[list[str], np.ndarray, np.ndarray]] = []
+        self._last_flush = time.monotonic()
+
+    def load(self) -> dict[str, tuple[float, float]]:
+        """Every cached pair of this model; unreadable shards (a crash mid-write) are ignored."""
+        found: dict[str, tuple[float, float]] = {}
+        if not self.dir.is_dir():
+            return found
+        for shard in sorted(self.dir.glob("shard-*.parquet")):
+            try:
+                table = pq.read_table(shard).to_pydict()
+            except (OSError, pa.ArrowInvalid):
+                continue
+            found.update(zip(table["pair_key"], zip(table["chosen_logp"], table["rejected_logp"])))
+        return found
+
+    def add(self, keys: list[str], chosen: np.ndarray, rejected: np.ndarray) -> None:
+        """Queue finished pairs; written to disk at least every flush_seconds."""
+        self._pending.append((keys, np.asarray(chosen, float), np.asarray(rejected, float)))
+        if time.monotonic() - self._last_flush >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write queued pairs as one new shard, atomically (temp file then rename)."""
+        if not self._pending:
+            return
+        keys = [k for batch in self._pending for k in batch[0]]
+        chosen = np.concatenate([batch[1] for batch in self._pending])
+        rejected = np.concatenate([batch[2] for batch in self._pending])
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = self.dir / "model.json"
+        if not meta.exists():
+            meta.write_text(json.dumps(self.identity, indent=2, default=str))
+        name = f"shard-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
+        tmp = self.dir / f".{name}.tmp"
+        pq.write_table(pa.table({"pair_key": keys, "chosen_logp": chosen, "rejected_logp": rejected}), tmp)
+        os.replace(tmp, self.dir / name)
+        self._pending.clear()
+        self._last_flush = time.monotonic()

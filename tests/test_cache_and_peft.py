@@ -1,0 +1,112 @@
+"""The reference cache skips a model pass, an interrupted run resumes from it, and a LoRA policy is scored on the
+reference's weights with the adapter attached: every path gives the exact path's numbers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from prefdiag import api, models
+from prefdiag.scoring import LogProbScorer
+
+
+def _options(cache_dir, **kwargs):
+    return api.RunOptions(dtype="float32", device="cpu", cache_dir=str(cache_dir), **kwargs)
+
+
+@pytest.fixture
+def count_loads(monkeypatch):
+    loads = []
+    original = models.load_model
+
+    def counting(name, **kwargs):
+        loads.append(name)
+        return original(name, **kwargs)
+
+    monkeypatch.setattr(models, "load_model", counting)
+    return loads
+
+
+def _columns(result):
+    cols = ["ref_chosen_logp", "ref_rejected_logp", "policy_chosen_logp", "policy_rejected_logp"]
+    return result.pairs[[c for c in cols if c in result.pairs]].to_numpy()
+
+
+def test_second_run_skips_the_cached_reference(model_dirs, pairs_file, tmp_path, count_loads):
+    ref, pol = str(model_dirs["llama"]), str(model_dirs["llama-policy"])
+    exact = api.compare(str(pairs_file), ref, pol, _options(tmp_path, cache=False, layout="separate"))
+    first = api.compare(str(pairs_file), ref, pol, _options(tmp_path))
+    count_loads.clear()
+    second = api.compare(str(pairs_file), ref, pol, _options(tmp_path))
+    assert count_loads == []  # both models came from the cache
+    assert second.summary["provenance"]["reference"]["pairs_from_cache"] == 24
+    np.testing.assert_allclose(_columns(second), _columns(first), atol=0, rtol=0)
+    np.testing.assert_allclose(_columns(first), _columns(exact), atol=1e-5, rtol=0)
+
+
+def test_no_cache_writes_nothing_and_other_settings_miss(model_dirs, pairs_file, tmp_path, count_loads):
+    ref = str(model_dirs["gpt2"])
+    api.audit(str(pairs_file), ref, _options(tmp_path / "none", cache=False))
+    assert not (tmp_path / "none").exists()
+    api.audit(str(pairs_file), ref, _options(tmp_path / "c"))
+    count_loads.clear()
+    truncated = api.audit(str(pairs_file), ref, _options(tmp_path / "c", max_length=20))
+    assert count_loads == [ref]  # new token ids for the truncated pairs: they are scored again
+    reused = truncated.summary["provenance"]["reference"]["pairs_from_cache"]
+    assert reused == int((~truncated.pairs["truncated"] & ~truncated.pairs["dropped"]).sum())
+
+
+def test_interrupted_run_resumes_where_it_stopped(model_dirs, pairs_file, tmp_path, monkeypatch):
+    ref = str(model_dirs["llama"])
+    options = _options(tmp_path, batch_tokens=200)
+    expected = api.audit(str(pairs_file), ref, _options(tmp_path / "fresh", cache=False))
+    original = LogProbScorer._forward
+    calls = []
+
+    def dies_on_third_batch(self, rows):
+        calls.append(len(rows))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, rows)
+
+    monkeypatch.setattr(LogProbScorer, "_forward", dies_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        api.audit(str(pairs_file), ref, options)
+    saved = sum(calls[:2])
+    monkeypatch.setattr(LogProbScorer, "_forward", original)
+    resumed = api.audit(str(pairs_file), ref, options)
+    assert resumed.summary["provenance"]["reference"]["pairs_from_cache"] == saved > 0
+    np.testing.assert_allclose(_columns(resumed), _columns(expected), atol=1e-5, rtol=0)
+
+
+def test_lora_policy_reuses_the_reference_weights(model_dirs, pairs_file, tmp_path, count_loads):
+    import torch
+    from oracle import full_logits_logp
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prefdiag.tokenization import tokenize_pairs
+
+    ref = str(model_dirs["llama"])
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(ref, dtype="float32")
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                           init_lora_weights=False))
+    adapter = tmp_path / "adapter"
+    lora.save_pretrained(adapter)
+    merged = lora.merge_and_unload().eval()
+
+    result = api.compare(str(pairs_file), ref, str(adapter), _options(tmp_path, cache=False))
+    assert count_loads == [ref]  # one model in memory: the adapter went onto the reference
+    rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+    tokenized = tokenize_pairs(AutoTokenizer.from_pretrained(ref), [r["prompt"] for r in rows],
+                               [r["chosen"] for r in rows], [r["rejected"] for r in rows])
+    fresh_base = AutoModelForCausalLM.from_pretrained(ref, dtype="float32").eval()
+    for i in range(len(rows)):
+        p, c = tokenized.prompt_ids[i], tokenized.chosen_ids[i]
+        assert result.pairs["ref_chosen_logp"][i] == pytest.approx(full_logits_logp(fresh_base, p, c)[0], abs=1e-4)
+        assert result.pairs["policy_chosen_logp"][i] == pytest.approx(full_logits_logp(merged, p, c)[0], abs=1e-4)
+    assert result.pairs["reward_margin"].abs().max() > 1e-3  # the adapter changed the policy
+    assert result.summary["provenance"]["policy"]["adapter_base"] == ref
