@@ -23,17 +23,12 @@ def setup_logging(quiet: bool) -> None:
     level = logging.ERROR if quiet else logging.WARNING
     logging.basicConfig(level=level, handlers=[RichHandler(console=stderr, show_path=False)], force=True, format="%(message)s")
     logging.getLogger("prefdiag").setLevel(logging.ERROR if quiet else logging.INFO)
+    # Environment switches rather than imports: `datasets` costs over a second to import and most runs never need it.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        import datasets
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
-        datasets.logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 class ProgressBars:
