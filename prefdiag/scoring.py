@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,23 +115,13 @@ def build_rows(tokenized: TokenizedPairs, layout: str = "prefix", pairs: Sequenc
     return rows
 
 
-def plan_batches(rows: list[_Row], batch_tokens: int) -> list[list[int]]:
-    """Group rows sorted by length (longest first) so each batch stays within the padded token budget."""
-    order = sorted(range(len(rows)), key=lambda k: (-len(rows[k].input_ids), k))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for k in order:
-        length = len(rows[k].input_ids)
-        longest_if_added = max(longest, length)
-        if current and longest_if_added * (len(current) + 1) > batch_tokens:
-            batches.append(current)
-            current, longest_if_added = [], length
-        current.append(k)
-        longest = longest_if_added
-    if current:
-        batches.append(current)
-    return batches
+def next_batch(rows: list[_Row], order: list[int], start: int, batch_tokens: int) -> list[int]:
+    """The rows order[start:stop] that fit the padded token budget (rows x longest row), at least one."""
+    stop = start + 1
+    longest = len(rows[order[start]].input_ids)  # order is longest first: the first row sets the padded length
+    while stop < len(order) and longest * (stop - start + 1) <= batch_tokens:
+        stop += 1
+    return order[start:stop]
 
 
 class LogProbScorer:
@@ -168,9 +158,17 @@ class LogProbScorer:
         rows_left = np.bincount([row.pair for row in rows], minlength=len(tokenized))
         if not self._checked_head and rows:
             self._check_head_path(rows[0])
-        for batch in plan_batches(rows, self.settings.batch_tokens):
-            for values, slots in self._run_with_oom_retry([rows[k] for k in batch]):
-                np.add.at(totals, slots, values)
+        order = sorted(range(len(rows)), key=lambda k: (-len(rows[k].input_ids), k))  # longest first: OOM early
+        start = 0
+        while start < len(order):
+            batch = next_batch(rows, order, start, self.settings.batch_tokens)
+            try:
+                values, slots = self._forward([rows[k] for k in batch])
+            except torch.OutOfMemoryError:
+                self._shrink_after_oom(len(batch), len(rows[batch[0]].input_ids))
+                continue
+            start += len(batch)
+            np.add.at(totals, slots, values)
             batch_pairs = np.array([rows[k].pair for k in batch])
             np.subtract.at(rows_left, batch_pairs, 1)
             done = np.unique(batch_pairs[rows_left[batch_pairs] == 0])
@@ -190,23 +188,18 @@ class LogProbScorer:
 
     # -- internals ----------------------------------------------------------------------------------------------
 
-    def _run_with_oom_retry(self, rows: list[_Row]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Score rows; on out-of-memory split the batch in halves and retry, so no pair is lost."""
-        try:
-            yield self._forward(rows)
-        except torch.OutOfMemoryError:
-            if len(rows) == 1:
-                raise RunError(
-                    f"out of memory scoring a single sequence of {len(rows[0].input_ids)} tokens",
-                    hint="use --max-length, a smaller --dtype, or a device with more memory",
-                ) from None
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            half = len(rows) // 2
-            log.warning("out of memory on a batch of %d rows; retrying in halves of %d", len(rows), half)
-            self.settings = dataclasses.replace(self.settings, batch_tokens=max(1, self.settings.batch_tokens // 2))
-            yield from self._run_with_oom_retry(rows[:half])
-            yield from self._run_with_oom_retry(rows[half:])
+    def _shrink_after_oom(self, batch_rows: int, row_length: int) -> None:
+        """Halve the token budget after an out-of-memory batch (the batch is retried, no pair is lost)."""
+        if batch_rows == 1:
+            raise RunError(
+                f"out of memory scoring a single sequence of {row_length} tokens",
+                hint="use --max-length, a smaller --dtype, or a device with more memory",
+            )
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        budget = max(1, min(self.settings.batch_tokens, batch_rows * row_length) // 2)
+        self.settings = dataclasses.replace(self.settings, batch_tokens=budget)
+        log.warning("out of memory on a batch of %d rows; batch budget now %d tokens", batch_rows, budget)
 
     def _forward(self, rows: list[_Row]) -> tuple[np.ndarray, np.ndarray]:
         """One padded forward pass; returns per-token log-probs (fp32 -> float64) and their output slots."""

@@ -99,3 +99,41 @@ def test_a_model_whose_head_transform_we_do_not_know_falls_back_to_full_forwards
     assert scorer.use_full_forward
     for i in range(len(rows)):
         assert chosen[i] != pytest.approx(expected[0][i], abs=1e-3)
+
+
+def test_out_of_memory_halves_the_batch_and_loses_no_pair(model_dirs, pairs_file, caplog):
+    import torch
+
+    tokenizer, model = _load(model_dirs, "llama")
+    tokenized = _tokenize(tokenizer, _rows(pairs_file))
+    expected = LogProbScorer(model, ScoreSettings(batch_tokens=100_000)).score(tokenized)
+    scorer = LogProbScorer(model, ScoreSettings(batch_tokens=100_000))
+    original = scorer._forward
+
+    def small_device(rows):  # a device that holds at most 300 padded tokens
+        if len(rows) * max(len(r.input_ids) for r in rows) > 300:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return original(rows)
+
+    scorer._forward = small_device
+    chosen, rejected = scorer.score(tokenized)
+    np.testing.assert_allclose(chosen, expected[0], atol=1e-5)
+    np.testing.assert_allclose(rejected, expected[1], atol=1e-5)
+    assert scorer.settings.batch_tokens <= 300
+    assert "out of memory" in caplog.text
+
+
+def test_out_of_memory_on_one_sequence_is_a_clear_run_error(model_dirs, pairs_file):
+    import torch
+
+    from prefdiag.errors import RunError
+
+    tokenizer, model = _load(model_dirs, "llama")
+    scorer = LogProbScorer(model)
+
+    def no_memory(rows):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    scorer._forward = no_memory
+    with pytest.raises(RunError, match="out of memory scoring a single sequence"):
+        scorer.score(_tokenize(tokenizer, _rows(pairs_file)))
