@@ -125,20 +125,16 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     check_model_path(name, what)
+    kwargs = dict(revision=revision, dtype=dtype, trust_remote_code=trust_remote_code)
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": device.index or 0}  # weights go straight to the GPU, never staged on the CPU
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name,
-            revision=revision,
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-            attn_implementation="sdpa",
-        )
-    except ValueError as exc:
-        if "sdpa" not in str(exc).lower():
-            raise ModelError(f"cannot load {what} {name!r}: {_first_line(exc)}") from exc
-        model = AutoModelForCausalLM.from_pretrained(
-            name, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation="eager"
-        )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="sdpa", **kwargs)
+        except ValueError as exc:  # an architecture without SDPA support
+            if "sdpa" not in str(exc).lower():
+                raise
+            model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="eager", **kwargs)
     except Exception as exc:
         raise ModelError(f"cannot load {what} {name!r}: {_first_line(exc)}") from exc
     model.to(device)

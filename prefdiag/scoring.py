@@ -139,6 +139,7 @@ class LogProbScorer:
         self.attn_implementation = getattr(config, "_attn_implementation", "eager") or "eager"
         self.device = next(model.parameters()).device
         self.use_full_forward = self.body is None or self.head is None
+        self._fp32_out_mm = self.device.type == "cuda"
         self._checked_head = False
 
     # -- public -------------------------------------------------------------------------------------------------
@@ -204,6 +205,8 @@ class LogProbScorer:
     def _forward(self, rows: list[_Row]) -> tuple[np.ndarray, np.ndarray]:
         """One padded forward pass; returns per-token log-probs (fp32 -> float64) and their output slots."""
         batch, length = len(rows), max(len(r.input_ids) for r in rows)
+        if self.device.type == "cuda":
+            length = -(-length // 8) * 8  # aligned rows: tensor-core friendly, and the masked SDPA kernel wants it
         ids = np.zeros((batch, length), dtype=np.int64)
         pos = np.zeros((batch, length), dtype=np.int64)
         seg = np.full((batch, length), _PAD, dtype=np.int64)
@@ -257,10 +260,15 @@ class LogProbScorer:
     def _head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head on selected hidden states, returned in fp32, with the model's own logit transforms."""
         weight = self.head.weight
-        if hidden.device.type == "cuda" and weight.dtype in (torch.bfloat16, torch.float16):
-            logits = torch.mm(hidden, weight.t(), out_dtype=torch.float32)  # fp32 out: no bf16 rounding of logits
-            if getattr(self.head, "bias", None) is not None:
-                logits = logits + self.head.bias.float()
+        if self._fp32_out_mm and type(self.head) is torch.nn.Linear and weight.dtype in (torch.bfloat16, torch.float16):
+            try:  # fp32 output from a bf16 matmul: logits are not rounded to bf16 before the log-softmax
+                logits = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+                if self.head.bias is not None:
+                    logits = logits + self.head.bias.float()
+            except (RuntimeError, TypeError, NotImplementedError):
+                log.info("torch.mm(out_dtype=float32) is not available here; logits are rounded to %s", weight.dtype)
+                self._fp32_out_mm = False
+                logits = self.head(hidden).float()
         else:
             logits = self.head(hidden).float()
         if self.logit_scale is not None:
