@@ -178,6 +178,12 @@ class LogProbScorer:
             if progress is not None:
                 progress(len(done))
         chosen, rejected = totals[0::2].copy(), totals[1::2].copy()
+        # Identical completions have identical log-probs by definition: make the tie exact (ties count as wrong,
+        # as in TRL), rather than a 1e-6 margin from summation order deciding which side "wins".
+        same = np.fromiter(
+            (c == r for c, r in zip(tokenized.chosen_ids, tokenized.rejected_ids)), dtype=bool, count=len(tokenized)
+        )
+        rejected[same] = chosen[same]
         unscored = tokenized.dropped.copy()
         if pairs is not None:
             selected = np.zeros(len(tokenized), dtype=bool)

@@ -137,3 +137,12 @@ def test_out_of_memory_on_one_sequence_is_a_clear_run_error(model_dirs, pairs_fi
     scorer._forward = no_memory
     with pytest.raises(RunError, match="out of memory scoring a single sequence"):
         scorer.score(_tokenize(tokenizer, _rows(pairs_file)))
+
+
+def test_identical_responses_tie_exactly(model_dirs):
+    tokenizer, model = _load(model_dirs, "llama")
+    tokenized = tokenize_pairs(tokenizer, ["Question: what is the sky", "Q: one two"], [" blue.", " three."],
+                               [" blue.", " four."])
+    chosen, rejected = LogProbScorer(model).score(tokenized)
+    assert chosen[0] == rejected[0]
+    assert chosen[1] != rejected[1]
