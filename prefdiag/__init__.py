@@ -5,6 +5,8 @@ Library entry points (the CLI is a thin layer over these):
 - :func:`prefdiag.api.audit`: score a preference dataset under a reference model (or model-free checks only).
 - :func:`prefdiag.api.compare`: score it under a reference and a DPO-trained policy.
 - :mod:`prefdiag.diagnostics`: per-pair flags and the dataset summary, from a table alone.
+- :mod:`prefdiag.checks`: model-free data checks (identical, duplicate, conflicting pairs...), no model needed.
+- :mod:`prefdiag.data`: every preference dataset shape, loaded into one validated table.
 """
 
 __version__ = "0.1.0"

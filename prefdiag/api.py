@@ -15,8 +15,9 @@ from typing import Any
 import pandas as pd
 
 from prefdiag import __version__
-from prefdiag.data import ColumnMap, PairData, load_pairs
-from prefdiag.diagnostics import SCHEMA_VERSION, add_pair_metrics, summarize, verdict
+from prefdiag import checks
+from prefdiag.data import DATA_FORMATS, ColumnMap, PairData, load_pairs, with_python_objects
+from prefdiag.diagnostics import SCHEMA_VERSION, add_pair_metrics, summarize, summarize_groups, verdict
 from prefdiag.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,12 @@ class RunOptions:
     columns: ColumnMap = field(default_factory=ColumnMap)
     cache: bool = True  # reuse and save per-pair log-probs on disk (see prefdiag.cache)
     cache_dir: str | None = None
+    data_format: str = "auto"  # auto | standard | conversational | hh (see prefdiag.data)
+    group_by: str | None = None  # a data column: summary["groups"] holds the metrics per value
 
     def validate(self) -> None:
+        if self.data_format not in DATA_FORMATS:
+            raise UsageError(f"--data-format must be one of {', '.join(DATA_FORMATS)}, got {self.data_format!r}")
         if not self.beta > 0:
             raise UsageError(f"--beta must be > 0, got {self.beta}")
         if self.max_length is not None and self.max_length < 2:
@@ -91,18 +96,27 @@ def _run(
     progress: ProgressFactory | None,
 ) -> RunResult:
     options.validate()
-    pairs = data if isinstance(data, PairData) else load_pairs(data, split=options.split, columns=options.columns)
+    pairs = data if isinstance(data, PairData) else load_pairs(
+        data, split=options.split, columns=options.columns, data_format=options.data_format
+    )
+    _check_group_column(pairs.table, options.group_by)
+    features = checks.text_features(pairs.table)  # model-free checks: before any model is loaded
     table = pairs.table[["pair_id"]].copy()
     provenance: dict[str, Any] = {"dataset": pairs.provenance()}
+    tokens = None
     if reference is not None:
         scores, model_provenance = _score(pairs, reference, policy, options, progress)
         table = pd.concat([table, scores], axis=1)
         provenance.update(model_provenance)
+        tokens = (scores["chosen_tokens"].to_numpy(), scores["rejected_tokens"].to_numpy())
+    table = pd.concat([table, checks.run_checks(pairs.table, features, tokens)], axis=1)
     extras = pairs.table.drop(columns=["pair_id"])
     table = pd.concat([table, extras], axis=1)
     table = add_pair_metrics(table, options.beta)
     summary = summarize(table, options.beta)
     summary["verdict"] = verdict(summary)
+    if options.group_by is not None:
+        summary["groups"] = summarize_groups(table, options.group_by, options.beta)
     summary = {
         "schema_version": SCHEMA_VERSION,
         "command": command,
@@ -115,7 +129,7 @@ def _run(
             "options": _options_record(options),
         },
     }
-    return RunResult(_order_columns(table), summary)
+    return RunResult(with_python_objects(_order_columns(table)), summary)
 
 
 def _score(
@@ -259,6 +273,31 @@ class _ModelPasses:
             torch.cuda.empty_cache()
 
 
+MAX_GROUPS = 1000
+
+
+def _check_group_column(table: pd.DataFrame, column: str | None) -> None:
+    """--group-by must name a data column of plain values with at most MAX_GROUPS distinct values."""
+    if column is None:
+        return
+    if column not in table.columns:
+        raise UsageError(
+            f"--group-by: no column {column!r}; the columns are: {', '.join(map(str, table.columns))}"
+        )
+    values = table[column]
+    nested = isinstance(values.dtype, pd.ArrowDtype) and values.dtype.pyarrow_dtype.num_fields > 0
+    try:
+        distinct = None if nested else values.nunique(dropna=False)
+    except TypeError:  # unhashable Python objects
+        distinct = None
+    if distinct is None:
+        raise UsageError(f"--group-by: column {column!r} holds lists or objects; choose a column of plain values")
+    if distinct > MAX_GROUPS:
+        raise UsageError(
+            f"--group-by: column {column!r} has {distinct:,} distinct values; at most {MAX_GROUPS} groups are allowed"
+        )
+
+
 def _options_record(options: RunOptions) -> dict[str, Any]:
     record = asdict(options)
     record["columns"] = asdict(options.columns)
@@ -285,9 +324,12 @@ _LEADING = [
     "chosen_displaced",
     "both_displaced",
     "likely_mislabeled",
+    "mislabel_score",
     "truncated",
     "dropped",
     "boundary_mismatch",
+    *checks.CHECKS,
+    *checks.SCORES,
 ]
 
 

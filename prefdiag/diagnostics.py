@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from prefdiag.checks import CHECKS
+
 SCHEMA_VERSION = 1
 
 # Chen et al. 2024, Cor. 3.3: unanimous labels approximated by this share of raters preferring the chosen answer.
@@ -21,6 +23,16 @@ MISLABEL_LOSS_QUANTILE = 0.95
 REFERENCE_FLAGS = ("ref_prefers_rejected",)
 POLICY_FLAGS = ("negative_margin_regime", "chosen_displaced", "both_displaced", "likely_mislabeled")
 TOKEN_FLAGS = ("truncated", "dropped", "boundary_mismatch")
+DATA_FLAGS = CHECKS + TOKEN_FLAGS  # no model needed (token flags need only a tokenizer); rates over all pairs
+# A data problem that makes a pair useless or contradictory for training, whatever the model.
+HARD_DATA_FLAGS = ("identical", "duplicate", "conflict", "empty_response", "empty_prompt")
+_DATA_FLAG_WORDS = {
+    "identical": "with identical responses",
+    "duplicate": "duplicated",
+    "conflict": "conflicting",
+    "empty_response": "with an empty response",
+    "empty_prompt": "with an empty prompt",
+}
 
 
 def softplus(x: np.ndarray) -> np.ndarray:
@@ -70,6 +82,8 @@ def add_pair_metrics(table: pd.DataFrame, beta: float) -> pd.DataFrame:
     out["likely_mislabeled"] = (reward_margin < MISLABEL_REWARD_MARGIN) | (
         (out["dpo_loss"] >= loss_tail) & (reward_margin < 0)
     )
+    # The implicit reward model's probability that the label is flipped, P(rejected > chosen) = sigmoid(-margin).
+    out["mislabel_score"] = np.exp(-softplus(reward_margin.to_numpy()))
     return out
 
 
@@ -101,7 +115,7 @@ def _correlation(a: pd.Series, b: pd.Series) -> float | None:
 def summarize(table: pd.DataFrame, beta: float) -> dict[str, Any]:
     """Dataset-level metrics of a table that went through add_pair_metrics; every value is a plain number."""
     summary: dict[str, Any] = {"n_pairs": int(len(table)), "beta": float(beta)}
-    for flag in TOKEN_FLAGS:
+    for flag in DATA_FLAGS:
         if flag in table.columns:
             summary[f"{flag}_rate"] = float(table[flag].mean()) if len(table) else None
             summary[f"n_{flag}"] = int(table[flag].sum())
@@ -172,6 +186,20 @@ def summarize(table: pd.DataFrame, beta: float) -> dict[str, Any]:
     return summary
 
 
+def summarize_groups(table: pd.DataFrame, column: str, beta: float) -> dict[str, Any]:
+    """``{"column": column, "values": {value: flat metrics of that group}}``: every scalar key summarize() gives the
+    whole table, computed on the group's pairs (flags computed on the whole table, e.g. the DPO-loss tail, keep their
+    whole-table meaning). Groups are keyed by str(value), missing values as "null", in sorted order."""
+    keys = table[column]
+    names = keys.astype("str").where(keys.notna(), "null")
+    numbers = table.select_dtypes(include=["number", "bool"])  # what summarize() reads; not the text
+    values = {}
+    for name, rows in sorted(names.groupby(names, sort=False).indices.items()):
+        group = summarize(numbers.iloc[rows], beta)
+        values[str(name)] = {k: v for k, v in group.items() if not isinstance(v, (dict, list))}
+    return {"column": column, "values": values}
+
+
 def _pct(value: float) -> str:
     return f"{100 * value:.0f}%"
 
@@ -214,6 +242,14 @@ def verdict(summary: dict[str, Any]) -> dict[str, str]:
             "level": level,
             "text": f"The reference prefers the rejected answer on {_pct(ref_wrong)} of pairs: DPO starts these on "
             f"the wrong side and rarely flips them (idealised ranking accuracy {_pct(ideal)}).",
+        }
+    hard = {flag: summary[f"n_{flag}"] for flag in HARD_DATA_FLAGS if summary.get(f"n_{flag}")}
+    if hard:
+        worst = sorted(hard.items(), key=lambda item: -item[1])
+        listed = ", ".join(f"{n} {_DATA_FLAG_WORDS[flag]}" for flag, n in worst)
+        return {
+            "level": "warn",
+            "text": f"{summary['n_pairs']} pairs loaded; pairs to fix before training: {listed}.",
         }
     return {"level": "ok", "text": f"{summary['n_pairs']} pairs loaded; no model was scored."}
 

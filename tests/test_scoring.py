@@ -104,6 +104,9 @@ def test_a_model_whose_head_transform_we_do_not_know_falls_back_to_full_forwards
 def test_out_of_memory_halves_the_batch_and_loses_no_pair(model_dirs, pairs_file, caplog):
     import torch
 
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="prefdiag")
     tokenizer, model = _load(model_dirs, "llama")
     tokenized = _tokenize(tokenizer, _rows(pairs_file))
     expected = LogProbScorer(model, ScoreSettings(batch_tokens=100_000)).score(tokenized)

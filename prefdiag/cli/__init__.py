@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from prefdiag import __version__
-from prefdiag.cli import scoring_commands
+from prefdiag.cli import gate_command, scoring_commands
 
 app = typer.Typer(
     name="prefdiag",
@@ -18,6 +18,7 @@ app = typer.Typer(
 )
 app.command("audit")(scoring_commands.audit)
 app.command("compare")(scoring_commands.compare)
+app.command("gate")(gate_command.gate)
 
 
 def _version(value: bool) -> None:

@@ -20,6 +20,13 @@ class TableFormat(str, Enum):
     jsonl = "jsonl"
 
 
+class DataFormat(str, Enum):
+    auto = "auto"
+    standard = "standard"
+    conversational = "conversational"
+    hh = "hh"
+
+
 class Dtype(str, Enum):
     auto = "auto"
     float32 = "float32"
@@ -64,12 +71,30 @@ TrustRemoteCode = Annotated[
 ]
 Split = Annotated[Optional[str], typer.Option(help="Dataset split, for a hub dataset or a save_to_disk directory.")]
 IdColumn = Annotated[Optional[str], typer.Option(help="Column holding pair ids (default: 'id' if present).")]
-PromptColumn = Annotated[str, typer.Option(help="Column holding the prompt.")]
+PromptColumn = Annotated[
+    str, typer.Option(help="Column holding the prompt (if absent, the prompt is split off the responses).")
+]
 ChosenColumn = Annotated[str, typer.Option(help="Column holding the chosen response.")]
 RejectedColumn = Annotated[str, typer.Option(help="Column holding the rejected response.")]
+DataFormatOpt = Annotated[
+    DataFormat,
+    typer.Option(
+        "--data-format",
+        help="How the pairs are shaped. auto: detect. standard: strings (an implicit prompt is split off as TRL's "
+        "extract_prompt does). conversational: lists of {role, content} messages (also JSON-encoded, as in CSV). "
+        "hh: Anthropic HH transcripts, split after the last shared '\\n\\nAssistant:'.",
+    ),
+]
+GroupBy = Annotated[
+    Optional[str],
+    typer.Option(
+        "--group-by", metavar="COLUMN",
+        help="Also report every metric per value of this data column (summary.json: groups).",
+    ),  # fmt: skip
+]
 Output = Annotated[
     Optional[Path],
-    typer.Option("--output", "-o", help="Directory for pairs.parquet, summary.json and report.md.", file_okay=False),
+    typer.Option("--output", "-o", help="Directory for pairs.parquet, summary.json, report.md, junit.xml and report.html.", file_okay=False),
 ]
 FormatOpt = Annotated[
     OutputFormat, typer.Option("--format", "-f", help="stdout: a table for people, or the summary as JSON.")
@@ -86,3 +111,35 @@ CacheDir = Annotated[
     typer.Option(help="Log-prob cache directory [default: $PREFDIAG_CACHE_DIR or ~/.cache/prefdiag]."),
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or logs on stderr.")]
+MinRules = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--min", metavar="METRIC=VALUE[:warn]",
+        help="Gate: exit 1 unless METRIC >= VALUE (':warn' only reports). Repeatable. "
+        "Example: --min ranking_accuracy=0.6",
+    ),
+]  # fmt: skip
+MaxRules = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--max", metavar="METRIC=VALUE[:warn]",
+        help="Gate: exit 1 unless METRIC <= VALUE (':warn' only reports). Repeatable. "
+        "Example: --max negative_margin_regime_rate=0.1:warn",
+    ),
+]  # fmt: skip
+GateFile = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--gate", metavar="FILE", dir_okay=False,
+        help="TOML file with a [gate] table of min_<metric> / max_<metric> keys (used instead of "
+        "[tool.prefdiag.gate] in ./pyproject.toml).",
+    ),
+]  # fmt: skip
+Baseline = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--baseline", metavar="DIR",
+        help="A previous run's --output directory: adds metric deltas and the pairs whose ranking flipped, and "
+        "allows <metric>_drop / <metric>_delta rules.",
+    ),
+]  # fmt: skip

@@ -60,27 +60,50 @@ class ProgressBars:
         return lambda n: self.progress.advance(task, n)
 
 
-def emit(result, fmt: OutputFormat, top: int) -> None:
+def emit(pairs, summary: dict[str, Any], fmt: OutputFormat, top: int) -> None:
     """Print the run's summary on stdout: a rich report, or JSON."""
     from prefdiag.reports.files import dumps_summary
     from prefdiag.reports.terminal import print_report
 
     if fmt == OutputFormat.json:
-        print(dumps_summary(result.summary), end="")
+        print(dumps_summary(summary), end="")
     else:
-        print_report(stdout, result.pairs, result.summary, top)
+        print_report(stdout, pairs, summary, top)
 
 
-def write_outputs(result, out_dir: Path, table_format: str, top: int) -> list[Path]:
-    """Write the per-pair table, summary.json and report.md into out_dir, atomically."""
+def write_outputs(pairs, summary: dict[str, Any], out_dir: Path, table_format: str | None, top: int) -> list[Path]:
+    """Write the per-pair table (unless table_format is None), summary.json, report.md, junit.xml and report.html
+    into out_dir, atomically."""
     from prefdiag.reports.files import dumps_summary, write_atomically, write_table, write_text
+    from prefdiag.reports.html import render_html
+    from prefdiag.reports.junit import render_junit
     from prefdiag.reports.markdown import render_markdown
 
-    writers = {
-        f"pairs.{table_format}": lambda path: write_table(result.pairs, path, table_format),
-        "summary.json": write_text(dumps_summary(result.summary)),
-        "report.md": write_text(render_markdown(result.pairs, result.summary, top)),
-    }
+    writers = {}
+    if pairs is not None and table_format is not None:
+        writers[f"pairs.{table_format}"] = lambda path: write_table(pairs, path, table_format)
+    writers.update(
+        {
+            "summary.json": write_text(dumps_summary(summary)),
+            "report.md": write_text(render_markdown(pairs, summary, top)),
+            "junit.xml": write_text(render_junit(summary)),
+            "report.html": write_text(render_html(pairs, summary, top)),
+        }
+    )
     written = write_atomically(out_dir, writers)
-    stderr.print(f"wrote {', '.join(p.name for p in written)} to {out_dir}")
+    stderr.print(f"wrote {', '.join(p.name for p in written)} to {out_dir}", highlight=False, soft_wrap=True)
     return written
+
+
+def append_step_summary(pairs, summary: dict[str, Any], top: int) -> None:
+    """Append report.md to $GITHUB_STEP_SUMMARY when GitHub Actions sets it (a write failure only warns)."""
+    target = os.environ.get("GITHUB_STEP_SUMMARY")
+    if not target:
+        return
+    from prefdiag.reports.markdown import render_markdown
+
+    try:
+        with open(target, "a", encoding="utf-8") as handle:
+            handle.write(render_markdown(pairs, summary, top) + "\n")
+    except OSError as exc:
+        logging.getLogger("prefdiag").warning("could not append to GITHUB_STEP_SUMMARY (%s): %s", target, exc)

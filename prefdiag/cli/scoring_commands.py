@@ -40,15 +40,14 @@ def _options(**kwargs: Any):
     )
     kwargs["dtype"] = kwargs["dtype"].value
     kwargs["device"] = kwargs["device"].value
+    kwargs["data_format"] = kwargs["data_format"].value
     return RunOptions(columns=columns, **kwargs)
 
 
-def _finish(result, output: Path | None, fmt: o.OutputFormat, table_format: o.TableFormat, top: int) -> None:
-    from prefdiag.cli._output import emit, write_outputs
+def _finish(result, plan, output: Path | None, fmt: o.OutputFormat, table_format: o.TableFormat, top: int) -> None:
+    from prefdiag.cli.gate_command import finish
 
-    if output is not None:
-        write_outputs(result, output, table_format.value, top)
-    emit(result, fmt, top)
+    finish(result.pairs, result.summary, plan, output, fmt, table_format.value, top)
 
 
 @handles_errors
@@ -68,17 +67,25 @@ def audit(
     chosen_column: o.ChosenColumn = "chosen",
     rejected_column: o.RejectedColumn = "rejected",
     id_column: o.IdColumn = None,
+    data_format: o.DataFormatOpt = o.DataFormat.auto,
+    group_by: o.GroupBy = None,
     output: o.Output = None,
     fmt: o.FormatOpt = o.OutputFormat.table,
     table_format: o.TableFormatOpt = o.TableFormat.parquet,
     top: o.Top = 10,
+    min_rules: o.MinRules = None,
+    max_rules: o.MaxRules = None,
+    gate_file: o.GateFile = None,
+    baseline: o.Baseline = None,
     no_cache: o.NoCache = False,
     cache_dir: o.CacheDir = None,
     quiet: o.Quiet = False,
 ) -> None:
-    """Audit a preference dataset against a reference model, before any DPO training.
+    """Audit a preference dataset before any DPO training: data checks, and the reference model's view.
 
-    Scores every pair's chosen and rejected response under the reference (tokenized exactly as TRL's DPOTrainer
+    Without --reference, runs the model-free checks only (identical, near-identical, duplicate and conflicting
+    pairs, empty prompts or responses, extreme length ratios), fast enough for millions of pairs. With it, also
+    scores every pair's chosen and rejected response under the reference (tokenized exactly as TRL's DPOTrainer
     does) and reports how often the reference already prefers the rejected answer: those pairs start DPO on the
     wrong side and rarely flip.
 
@@ -86,17 +93,20 @@ def audit(
     """
     from prefdiag import api
     from prefdiag.cli._output import ProgressBars, setup_logging
+    from prefdiag.cli.gate_command import prepare
+    from prefdiag.gate import run_mode
 
     setup_logging(quiet)
     options = _options(
         beta=beta, max_length=max_length, dtype=dtype, device=device, batch_tokens=batch_tokens,
         tokenizer=tokenizer, reference_revision=revision, trust_remote_code=trust_remote_code, split=split,
         prompt_column=prompt_column, chosen_column=chosen_column, rejected_column=rejected_column,
-        id_column=id_column, cache=not no_cache, cache_dir=cache_dir,
+        id_column=id_column, cache=not no_cache, cache_dir=cache_dir, data_format=data_format, group_by=group_by,
     )  # fmt: skip
+    plan = prepare("audit", run_mode("audit", reference is not None), min_rules, max_rules, gate_file, baseline)
     with ProgressBars(quiet) as progress:
         result = api.audit(data, reference, options, progress)
-    _finish(result, output, fmt, table_format, top)
+    _finish(result, plan, output, fmt, table_format, top)
 
 
 @handles_errors
@@ -118,10 +128,16 @@ def compare(
     chosen_column: o.ChosenColumn = "chosen",
     rejected_column: o.RejectedColumn = "rejected",
     id_column: o.IdColumn = None,
+    data_format: o.DataFormatOpt = o.DataFormat.auto,
+    group_by: o.GroupBy = None,
     output: o.Output = None,
     fmt: o.FormatOpt = o.OutputFormat.table,
     table_format: o.TableFormatOpt = o.TableFormat.parquet,
     top: o.Top = 10,
+    min_rules: o.MinRules = None,
+    max_rules: o.MaxRules = None,
+    gate_file: o.GateFile = None,
+    baseline: o.Baseline = None,
     no_cache: o.NoCache = False,
     cache_dir: o.CacheDir = None,
     quiet: o.Quiet = False,
@@ -135,6 +151,8 @@ def compare(
     """
     from prefdiag import api
     from prefdiag.cli._output import ProgressBars, setup_logging
+    from prefdiag.cli.gate_command import prepare
+    from prefdiag.gate import run_mode
 
     setup_logging(quiet)
     options = _options(
@@ -142,8 +160,9 @@ def compare(
         tokenizer=tokenizer, reference_revision=revision, policy_revision=policy_revision,
         trust_remote_code=trust_remote_code, split=split, prompt_column=prompt_column,
         chosen_column=chosen_column, rejected_column=rejected_column, id_column=id_column,
-        cache=not no_cache, cache_dir=cache_dir,
+        cache=not no_cache, cache_dir=cache_dir, data_format=data_format, group_by=group_by,
     )  # fmt: skip
+    plan = prepare("compare", run_mode("compare", True), min_rules, max_rules, gate_file, baseline)
     with ProgressBars(quiet) as progress:
         result = api.compare(data, reference, policy, options, progress)
-    _finish(result, output, fmt, table_format, top)
+    _finish(result, plan, output, fmt, table_format, top)

@@ -1,82 +1,70 @@
-"""The Markdown report: verdict, metric table, ranking transitions and the worst pairs."""
+"""The Markdown report (report.md, and the GitHub step summary): gate, verdict, metric table, ranking transitions,
+the comparison with a baseline and the worst pairs. Dataset text is escaped so it cannot inject HTML or Markdown."""
 
 from __future__ import annotations
 
+import html
+import re
 from typing import Any
 
 import pandas as pd
 
-from prefdiag.diagnostics import worst_pairs
+from prefdiag.reports.common import (  # noqa: F401 - METRIC_LABELS, format_value, metric_rows are re-exported
+    DATA_FLAG_LABELS,
+    METRIC_LABELS,
+    baseline_rows,
+    flag_labels,
+    format_value,
+    gate_headline,
+    gate_rows,
+    group_rows,
+    metric_rows,
+    one_line,
+    pairs_to_show,
+)
 
-# (summary key, label) in display order; keys missing from a summary are skipped.
-METRIC_LABELS = [
-    ("n_pairs", "pairs"),
-    ("n_scored", "pairs scored"),
-    ("beta", "beta"),
-    ("reward_accuracy", "reward accuracy (reward_margin > 0)"),
-    ("ranking_accuracy", "ranking accuracy, policy (policy_margin > 0)"),
-    ("ref_ranking_accuracy", "ranking accuracy, reference (ref_margin > 0)"),
-    ("idealised_ranking_accuracy", "idealised ranking accuracy (Chen et al.)"),
-    ("flip_rate", "reference-misranked pairs the policy fixed"),
-    ("break_rate", "reference-correct pairs the policy broke"),
-    ("mean_dpo_loss", "mean DPO loss"),
-    ("mean_reward_margin", "mean reward margin"),
-    ("mean_ref_margin", "mean reference margin (nats)"),
-    ("mean_policy_margin", "mean policy margin (nats)"),
-    ("mean_chosen_logratio", "mean chosen log-ratio (policy - ref)"),
-    ("mean_rejected_logratio", "mean rejected log-ratio (policy - ref)"),
-    ("median_displacement_ratio", "median d(rejected)/d(chosen)"),
-    ("ref_prefers_rejected_rate", "reference prefers rejected"),
-    ("negative_margin_regime_rate", "negative-margin regime"),
-    ("chosen_displaced_rate", "chosen displaced"),
-    ("both_displaced_rate", "both displaced"),
-    ("likely_mislabeled_rate", "likely mislabeled"),
-    ("chosen_longer_rate", "chosen longer than rejected"),
-    ("reward_margin_length_correlation", "corr(reward margin, length difference)"),
-    ("ref_margin_length_correlation", "corr(reference margin, length difference)"),
-    ("truncated_rate", "truncated at --max-length"),
-    ("dropped_rate", "dropped (prompt fills --max-length)"),
-    ("boundary_mismatch_rate", "prompt/completion token boundary mismatch"),
-]
+MARKS = {"pass": "✅ pass", "fail": "❌ **FAIL**", "warn": "⚠️ warn"}
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
 
 
-def format_value(key: str, value: Any) -> str:
-    """Rates and accuracies as percentages, counts as integers, other numbers with 4 significant digits."""
-    if value is None:
-        return "n/a"
-    if isinstance(value, bool):
-        return str(value)
-    if key.startswith("n_"):
-        return str(int(value))
-    if key.endswith(("_rate", "_accuracy")):
-        return f"{100 * value:.1f}%"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+def md(text: Any) -> str:
+    """Text that renders as itself in a Markdown table cell: HTML entities for <, > and &, backslashes before
+    Markdown punctuation, newlines as spaces."""
+    text = " ".join(str(text).split())
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(text, quote=False))
 
 
-def metric_rows(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(key, label, formatted value) for every metric the summary has."""
-    return [(k, label, format_value(k, summary[k])) for k, label in METRIC_LABELS if k in summary]
+def code(text: Any) -> str:
+    """Text as a code span (literal in Markdown, HTML shown as text), or escaped when it holds a backtick."""
+    text = " ".join(str(text).split())
+    return md(text) if "`" in text else "`" + text.replace("|", "\\|") + "`"
 
 
-def _cell(text: Any, width: int = 80) -> str:
-    text = str(text).replace("\n", " ").replace("|", "\\|")
-    return text if len(text) <= width else text[: width - 1] + "…"
+def _cell(value: Any, width: int) -> str:
+    return md(one_line(value, width))
 
 
-def render_markdown(table: pd.DataFrame, summary: dict[str, Any], n_worst: int = 10) -> str:
-    """The whole report.md text."""
+def render_markdown(table: pd.DataFrame | None, summary: dict[str, Any], n_worst: int = 10) -> str:
+    """The whole report.md text (``table`` may be None when only a summary is known)."""
     verdict = summary.get("verdict", {})
-    lines = [
-        f"# prefdiag {summary.get('command', '')} report",
-        "",
-        f"**Verdict ({verdict.get('level', 'ok')}):** {verdict.get('text', '')}",
-        "",
-        "| metric | value |",
-        "| --- | --- |",
-    ]
-    lines += [f"| {label} | {value} |" for _, label, value in metric_rows(summary)]
+    level, headline = gate_headline(summary)
+    lines = [f"# prefdiag {md(summary.get('command', ''))} report", ""]
+    if level != "none":
+        lines += [f"**{'❌' if level == 'fail' else '⚠️' if level == 'warn' else '✅'} {headline}**", ""]
+    lines += [f"**Verdict ({md(verdict.get('level', 'ok'))}):** {md(verdict.get('text', ''))}", ""]
+    rows = gate_rows(summary)
+    if rows:
+        lines += ["## Gate", "", "| result | rule | observed | severity | from |", "| --- | --- | --- | --- | --- |"]
+        lines += [
+            f"| {MARKS[r.status]} | {code(r.metric)} {r.condition} | {r.observed} | {r.severity} | {code(r.source)} |"
+            for r in rows
+        ]
+        lines.append("")
+    marks = {r.metric: f"{MARKS[r.status]} ({r.condition})" for r in rows}
+    gated = any(key in marks for key, _, _ in metric_rows(summary))
+    lines += ["| metric | value |" + (" gate |" if gated else ""), "| --- | --- |" + (" --- |" if gated else "")]
+    for key, label, value in metric_rows(summary):
+        lines.append(f"| {label} | {value} |" + (f" {marks.get(key, '')} |" if gated else ""))
     transitions = summary.get("transitions")
     if transitions:
         lines += [
@@ -90,22 +78,71 @@ def render_markdown(table: pd.DataFrame, summary: dict[str, Any], n_worst: int =
             f"| reference incorrect | {transitions['ref_incorrect_to_policy_correct']} | "
             f"{transitions['ref_incorrect_to_policy_incorrect']} |",
         ]
-    worst = worst_pairs(table, n_worst)
-    if len(worst):
+    lines += _baseline_section(table, summary, n_worst)
+    column, headers, group_table = group_rows(summary)
+    if group_table:
+        lines += ["", f"## By {md(column)}", "", f"| {md(column)} | " + " | ".join(md(h) for h in headers) + " |"]
+        lines.append("| --- " * (len(headers) + 1) + "|")
+        lines += ["| " + " | ".join(md(cell) for cell in row) + " |" for row in group_table]
+    title, worst = pairs_to_show(table, n_worst)
+    if worst is not None:
         numbers = [c for c in ("ref_margin", "policy_margin", "reward_margin", "dpo_loss") if c in worst.columns]
-        lines += ["", f"## Worst {len(worst)} pairs", "", "| pair | " + " | ".join(numbers) + " | prompt |"]
+        if not numbers:
+            numbers = ["flags"]
+        lines += ["", f"## {title}", "", "| pair | " + " | ".join(md(c) for c in numbers) + " | prompt |"]
         lines.append("| --- " * (len(numbers) + 2) + "|")
         for _, row in worst.iterrows():
-            values = " | ".join(f"{row[c]:.3f}" for c in numbers)
+            if numbers == ["flags"]:
+                values = ", ".join(flag_labels(row, DATA_FLAG_LABELS))
+            else:
+                values = " | ".join(f"{row[c]:.3f}" for c in numbers)
             lines.append(f"| {_cell(row['pair_id'], 24)} | {values} | {_cell(row.get('prompt', ''), 60)} |")
     provenance = summary.get("provenance", {})
     lines += ["", "## Provenance", ""]
     for key in ("reference", "policy"):
         if key in provenance:
             model = provenance[key]
-            lines.append(f"- {key}: `{model['name']}` ({model['dtype']} on {model['device']})")
+            lines.append(f"- {key}: {md(model.get('name'))} ({md(model.get('dtype'))} on {md(model.get('device'))})")
     dataset = provenance.get("dataset", {})
     if dataset:
-        lines.append(f"- dataset: `{dataset.get('source')}` (sha256 {str(dataset.get('content_sha256'))[:12]})")
-    lines.append(f"- prefdiag {provenance.get('prefdiag_version', '')}")
+        lines.append(f"- dataset: {md(dataset.get('source'))} (sha256 {md(str(dataset.get('content_sha256'))[:12])})")
+    lines.append(f"- prefdiag {md(provenance.get('prefdiag_version', ''))}")
     return "\n".join(lines) + "\n"
+
+
+def _baseline_section(table: pd.DataFrame | None, summary: dict[str, Any], n_worst: int) -> list[str]:
+    baseline = summary.get("baseline")
+    if not baseline:
+        return []
+    lines = ["", "## Against the baseline", "", f"Baseline: {md(baseline.get('source'))}"]
+    if baseline.get("created_at"):
+        lines[-1] += f" (run {md(baseline['created_at'])})"
+    if baseline.get("same_dataset") is False:
+        lines += ["", "**The baseline scored a different dataset**: deltas compare different pairs."]
+    rows = baseline_rows(summary)
+    if rows:
+        lines += ["", "| metric | baseline | current | change |", "| --- | --- | --- | --- |"]
+        lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    if baseline.get("ranking_column") is None:
+        lines += ["", "No per-pair comparison: one of the runs has no pairs table with a margin column."]
+        return lines
+    lines += [
+        "",
+        f"{baseline['n_joined']} pairs joined by pair_id (on {md(baseline['ranking_column'])} > 0): "
+        f"**{baseline['n_regressed']} went from correctly ranked to misranked**, {baseline['n_fixed']} the other way.",
+    ]
+    titles = {"regressed": "Regressed pairs (correct -> misranked)", "fixed": "Fixed pairs (misranked -> correct)"}
+    for kind, title in titles.items():
+        listed = baseline.get(kind) or []
+        if not listed:
+            continue
+        prompts = {}
+        if table is not None and "prompt" in table.columns:
+            prompts = dict(zip(table["pair_id"].astype(str), table["prompt"]))
+        lines += ["", f"### {title}", "", "| pair | baseline margin | margin | prompt |", "| --- | --- | --- | --- |"]
+        for item in listed[:n_worst]:
+            lines.append(
+                f"| {_cell(item['pair_id'], 24)} | {item['baseline_margin']:.3f} | {item['margin']:.3f} | "
+                f"{_cell(prompts.get(item['pair_id'], ''), 60)} |"
+            )
+    return lines

@@ -1,43 +1,144 @@
-"""The terminal report: verdict, metric table and worst pairs, drawn with rich."""
+"""The terminal report: metric table, margin histogram, worst pairs, verdict and gate results, drawn with rich.
+Readable in an 80-column CI log: pair ids and numbers never shrink, only the prompt column does."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pandas as pd
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from prefdiag.diagnostics import worst_pairs
-from prefdiag.reports.markdown import metric_rows
+from prefdiag.reports.common import baseline_rows, gate_headline, gate_rows, metric_rows, one_line
 
-LEVEL_STYLES = {"ok": "green", "warn": "yellow", "fail": "red"}
+LEVEL_STYLES = {"ok": "green", "warn": "yellow", "fail": "red", "none": "white"}
+MARKS = {"pass": ("✓ pass", "green"), "fail": ("✗ FAIL", "bold red"), "warn": ("! warn", "yellow")}
+BLOCKS = " ▏▎▍▌▋▊▉█"
+NUMBERS = [("ref_margin", "ref"), ("policy_margin", "policy"), ("reward_margin", "reward"), ("dpo_loss", "loss")]
 
 
-def print_report(console: Console, table: pd.DataFrame, summary: dict[str, Any], n_worst: int = 10) -> None:
-    """Print verdict, metrics and the worst pairs."""
-    verdict = summary.get("verdict", {})
-    level = verdict.get("level", "ok")
+def print_report(console: Console, table: pd.DataFrame | None, summary: dict[str, Any], n_worst: int = 10) -> None:
+    """Print metrics, the margin histogram, the worst pairs, the baseline deltas, the verdict and the gate."""
     metrics = Table(title=f"prefdiag {summary.get('command', '')}", title_justify="left", show_header=True)
     metrics.add_column("metric")
     metrics.add_column("value", justify="right")
     for _, label, value in metric_rows(summary):
         metrics.add_row(label, value)
     console.print(metrics)
-    worst = worst_pairs(table, n_worst)
-    if len(worst):
-        pairs = Table(title=f"worst {len(worst)} pairs", title_justify="left")
-        numbers = [c for c in ("ref_margin", "policy_margin", "reward_margin", "dpo_loss") if c in worst.columns]
-        pairs.add_column("pair")
-        for column in numbers:
-            pairs.add_column(column, justify="right")
-        pairs.add_column("prompt", overflow="ellipsis", no_wrap=True, max_width=50)
-        for _, row in worst.iterrows():
-            prompt = str(row.get("prompt", "")).replace("\n", " ")
-            pairs.add_row(escape(str(row["pair_id"])), *(f"{row[c]:.3f}" for c in numbers), escape(prompt))
-        console.print(pairs)
+    if table is not None:
+        column = "reward_margin" if "reward_margin" in table.columns else "ref_margin"
+        if column in table.columns:
+            console.print(margin_histogram(table[column], column, width=min(console.width, 80)))
+        _print_worst(console, table, n_worst)
+    _print_baseline(console, summary)
+    verdict = summary.get("verdict", {})
+    level = verdict.get("level", "ok")
     console.print(
         Panel(escape(verdict.get("text", "")), title=f"verdict: {level}", border_style=LEVEL_STYLES.get(level, "white"))
     )
+    _print_gate(console, summary)
+
+
+def worst_pairs_table(table: pd.DataFrame, n_worst: int, width: int = 80) -> Table | None:
+    """Pair id and margins at full width; the prompt takes what is left of ``width``, cut with an ellipsis."""
+    worst = worst_pairs(table, n_worst)
+    if not len(worst):
+        return None
+    numbers = [(c, label) for c, label in NUMBERS if c in worst.columns]
+    ids = [str(v) for v in worst["pair_id"]]
+    pairs = Table(
+        title=f"worst {len(worst)} pairs (margins in nats)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False
+    )
+    id_width = max(4, min(max(map(len, ids)), 24))
+    pairs.add_column("pair", no_wrap=True, min_width=id_width, max_width=id_width, overflow="ellipsis")
+    cells = {c: [f"{v:.2f}" for v in worst[c]] for c, _ in numbers}
+    fixed = id_width
+    for column, label in numbers:
+        cell_width = max(len(label), *map(len, cells[column]))
+        pairs.add_column(label, justify="right", no_wrap=True, min_width=cell_width)
+        fixed += cell_width
+    prompt_width = max(12, width - fixed - 3 * (len(numbers) + 2))  # padding and separators: 3 per column
+    pairs.add_column("prompt", no_wrap=True, overflow="ellipsis", max_width=prompt_width)
+    for i, (_, row) in enumerate(worst.iterrows()):
+        prompt = escape(one_line(row.get("prompt", ""), prompt_width))
+        pairs.add_row(escape(ids[i]), *(cells[c][i] for c, _ in numbers), prompt)
+    return pairs
+
+
+def _print_worst(console: Console, table: pd.DataFrame, n_worst: int) -> None:
+    pairs = worst_pairs_table(table, n_worst, console.width)
+    if pairs is not None:
+        console.print(pairs)
+
+
+def margin_histogram(values: pd.Series, name: str, width: int = 80, bins: int = 10) -> Text:
+    """A compact histogram with unicode block bars, one line per bin, the bin holding 0 marked."""
+    data = values.to_numpy(float)
+    data = data[np.isfinite(data)]
+    text = Text(f"{name} distribution ({len(data)} pairs)\n", style="bold")
+    if not len(data):
+        return text
+    lo, hi = float(data.min()), float(data.max())
+    if lo == hi:
+        lo, hi = lo - 0.5, hi + 0.5
+    counts, edges = np.histogram(data, bins=bins, range=(lo, hi))
+    labels = [f"[{edges[i]:>8.3g}, {edges[i + 1]:>8.3g}{']' if i == bins - 1 else ')'}" for i in range(bins)]
+    bar_width = max(10, width - len(labels[0]) - 10)
+    top = counts.max() or 1
+    for label, count, left, right in zip(labels, counts, edges[:-1], edges[1:]):
+        eighths = int(round(8 * bar_width * count / top))
+        bar = "█" * (eighths // 8) + (BLOCKS[eighths % 8] if eighths % 8 else "")
+        style = "red" if right <= 0 else "green" if left >= 0 else "yellow"
+        text.append(f"{label} ")
+        text.append(f"{bar:<{bar_width}}", style=style)
+        text.append(f" {count:>4d}\n")
+    return text
+
+
+def _print_baseline(console: Console, summary: dict[str, Any]) -> None:
+    baseline = summary.get("baseline")
+    if not baseline:
+        return
+    rows = baseline_rows(summary)
+    deltas = Table(title=f"against the baseline {escape(str(baseline.get('source')))}", title_justify="left")
+    for name, justify in (("metric", "left"), ("baseline", "right"), ("current", "right"), ("change", "right")):
+        deltas.add_column(name, justify=justify, no_wrap=name != "metric")
+    for label, before, now, change in rows:
+        deltas.add_row(label, before, now, change)
+    console.print(deltas)
+    if baseline.get("ranking_column"):
+        console.print(
+            f"{baseline['n_joined']} pairs joined: [bold]{baseline['n_regressed']} regressed[/] "
+            f"(correct -> misranked), {baseline['n_fixed']} fixed."
+        )
+
+
+def gate_table(summary: dict[str, Any]) -> Table | None:
+    rows = gate_rows(summary)
+    if not rows:
+        return None
+    table = Table(title="gate", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("result", no_wrap=True)
+    table.add_column("metric", overflow="fold")
+    table.add_column("rule", justify="right", no_wrap=True)
+    table.add_column("observed", justify="right", no_wrap=True)
+    table.add_column("severity", no_wrap=True)
+    for row in rows:
+        mark, style = MARKS[row.status]
+        table.add_row(Text(mark, style=style), escape(row.metric), row.condition, row.observed, row.severity)
+    return table
+
+
+def _print_gate(console: Console, summary: dict[str, Any]) -> None:
+    table = gate_table(summary)
+    if table is None:
+        return
+    console.print(table)
+    level, headline = gate_headline(summary)
+    console.print(Text(headline, style=f"bold {LEVEL_STYLES[level]}"))

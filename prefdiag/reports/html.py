@@ -1,0 +1,153 @@
+"""report.html: one self-contained page (inline CSS, plots as base64 PNG, no script, no network) with the gate,
+the verdict, the metric table, the margin plots, the ranking transitions, the baseline comparison and the worst
+pairs with their text. Rendered by jinja2 with autoescape on: every piece of dataset text is escaped."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import pandas as pd
+
+from prefdiag.reports.common import (
+    DATA_FLAG_LABELS,
+    as_text,
+    baseline_rows,
+    flag_labels,
+    format_value,
+    gate_headline,
+    gate_rows,
+    group_rows,
+    metric_rows,
+    pairs_to_show,
+)
+from prefdiag.reports.plots import report_plots
+
+FLAG_LABELS = {
+    "negative_margin_regime": "negative-margin regime",
+    "ref_prefers_rejected": "reference prefers rejected",
+    "chosen_displaced": "chosen displaced",
+    "both_displaced": "both displaced",
+    "likely_mislabeled": "likely mislabeled",
+    "truncated": "truncated",
+    "dropped": "dropped",
+    "boundary_mismatch": "token boundary mismatch",
+    **DATA_FLAG_LABELS,
+}
+NUMBERS = ["ref_margin", "policy_margin", "reward_margin", "dpo_loss", "chosen_logratio", "rejected_logratio"]
+
+
+@functools.cache
+def _environment():
+    from jinja2 import Environment, PackageLoader, StrictUndefined
+
+    return Environment(
+        loader=PackageLoader("prefdiag", "templates"), autoescape=True, undefined=StrictUndefined, trim_blocks=True,
+        lstrip_blocks=True,
+    )  # fmt: skip
+
+
+def render_html(table: pd.DataFrame | None, summary: dict[str, Any], n_worst: int = 10) -> str:
+    """The whole report.html text (``table`` may be None when only a summary is known: no plots, no pairs)."""
+    return _environment().get_template("report.html.j2").render(**report_context(table, summary, n_worst))
+
+
+def report_context(table: pd.DataFrame | None, summary: dict[str, Any], n_worst: int = 10) -> dict[str, Any]:
+    """Everything the template shows, as plain strings and numbers (dataset text still raw: jinja2 escapes it)."""
+    provenance = summary.get("provenance") or {}
+    gate_level, gate_text = gate_headline(summary)
+    rows = gate_rows(summary)
+    by_metric = {r.metric: r for r in rows}
+    metrics = [
+        {"label": label, "key": key, "value": value, "gate": by_metric.get(key)}
+        for key, label, value in metric_rows(summary)
+    ]
+    column, group_headers, group_table = group_rows(summary)
+    return {
+        "command": str(summary.get("command") or ""),
+        "created_at": provenance.get("created_at", ""),
+        "verdict": summary.get("verdict") or {"level": "ok", "text": ""},
+        "gate_level": gate_level,
+        "gate_text": gate_text,
+        "gate_rows": rows,
+        "metrics": metrics,
+        "transitions": _transitions(summary),
+        "plots": report_plots(table),
+        "baseline": _baseline(table, summary, n_worst),
+        "groups": {"column": column, "headers": group_headers, "rows": group_table},
+        "worst": _worst(table, n_worst),
+        "provenance": _provenance(provenance),
+    }
+
+
+def _transitions(summary: dict[str, Any]) -> dict[str, Any] | None:
+    t = summary.get("transitions")
+    if not t:
+        return None
+    total = sum(t.values()) or 1
+    cell = lambda k: {"n": t[k], "share": f"{100 * t[k] / total:.0f}%"}  # noqa: E731
+    return {
+        "cc": cell("ref_correct_to_policy_correct"),
+        "ci": cell("ref_correct_to_policy_incorrect"),
+        "ic": cell("ref_incorrect_to_policy_correct"),
+        "ii": cell("ref_incorrect_to_policy_incorrect"),
+        "flip_rate": format_value("flip_rate", summary.get("flip_rate")),
+        "break_rate": format_value("break_rate", summary.get("break_rate")),
+    }
+
+
+def _pair(row: pd.Series, numbers: list[str]) -> dict[str, Any]:
+    flags = flag_labels(row, FLAG_LABELS)
+    return {
+        "pair_id": str(row["pair_id"]),
+        "numbers": [(c, format_value(c, row[c])) for c in numbers if c in row.index],
+        "flags": flags,
+        "prompt": as_text(row.get("prompt")),
+        "chosen": as_text(row.get("chosen")),
+        "rejected": as_text(row.get("rejected")),
+    }
+
+
+def _worst(table: pd.DataFrame | None, n: int) -> dict[str, Any]:
+    title, rows = pairs_to_show(table, n)
+    return {"title": title, "pairs": [] if rows is None else [_pair(row, NUMBERS) for _, row in rows.iterrows()]}
+
+
+def _baseline(table: pd.DataFrame | None, summary: dict[str, Any], n: int) -> dict[str, Any] | None:
+    baseline = summary.get("baseline")
+    if not baseline:
+        return None
+    out: dict[str, Any] = {
+        "source": str(baseline.get("source", "")),
+        "created_at": baseline.get("created_at") or "",
+        "same_dataset": baseline.get("same_dataset"),
+        "rows": baseline_rows(summary),
+        "column": baseline.get("ranking_column"),
+        "n_joined": baseline.get("n_joined"),
+        "n_regressed": baseline.get("n_regressed"),
+        "n_fixed": baseline.get("n_fixed"),
+        "regressed": [],
+        "fixed": [],
+    }
+    if table is not None and "ranking_change" in table.columns and out["column"]:
+        for kind, ascending in (("regressed", True), ("fixed", False)):
+            rows = table[table["ranking_change"] == kind].sort_values(out["column"], ascending=ascending).head(n)
+            out[kind] = [_pair(row, ["baseline_margin", out["column"]]) for _, row in rows.iterrows()]
+    return out
+
+
+def _provenance(provenance: dict[str, Any]) -> list[tuple[str, str]]:
+    items = []
+    for key in ("reference", "policy"):
+        model = provenance.get(key)
+        if isinstance(model, dict):
+            items.append((key, f"{model.get('name')} ({model.get('dtype')} on {model.get('device')})"))
+    dataset = provenance.get("dataset")
+    if isinstance(dataset, dict):
+        items.append(("dataset", f"{dataset.get('source')} (sha256 {str(dataset.get('content_sha256'))[:12]})"))
+    tokenization = provenance.get("tokenization")
+    if isinstance(tokenization, dict):
+        items.append(("tokenization", f"{tokenization.get('scheme')}, max_length {tokenization.get('max_length')}"))
+    if provenance.get("prefdiag_version"):
+        items.append(("prefdiag", str(provenance["prefdiag_version"])))
+    return items
