@@ -252,11 +252,19 @@ def check_same_vocabulary(
             f"policy {policy!r} has a vocabulary of {pol_size} tokens but the reference {reference!r} "
             f"has {ref_size}: log-probs are not comparable"
         )
+    if _same_tokenizer_files(reference, policy):
+        return  # byte-identical tokenizer files: nothing to load (a 150k-token tokenizer takes seconds)
     policy_tokenizer = maybe_load_tokenizer(policy, revision=policy_revision, trust_remote_code=trust_remote_code)
     if policy_tokenizer is not None and policy_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ModelError(
             f"the tokenizer of policy {policy!r} differs from the reference's: log-probs are not comparable"
         )
+
+
+def _same_tokenizer_files(reference: str, policy: str) -> bool:
+    """True when both are local directories whose tokenizer.json files are byte-identical."""
+    a, b = Path(reference) / "tokenizer.json", Path(policy) / "tokenizer.json"
+    return a.is_file() and b.is_file() and a.read_bytes() == b.read_bytes()
 
 
 def maybe_load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code: bool = False):

@@ -24,7 +24,6 @@ def setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=level, handlers=[RichHandler(console=stderr, show_path=False)], force=True, format="%(message)s")
     logging.getLogger("prefdiag").setLevel(logging.ERROR if quiet else logging.INFO)
     # Environment switches rather than imports: `datasets` costs over a second to import and most runs never need it.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
