@@ -145,3 +145,16 @@ def _isolated_cache(tmp_path_factory):
     import os
 
     os.environ["PREFDIAG_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """The CLI's setup_logging configures logging process-wide; leave it as found for the next test."""
+    import logging
+
+    root, ours = logging.getLogger(), logging.getLogger("prefdiag")
+    saved = root.level, list(root.handlers), ours.level
+    yield
+    root.setLevel(saved[0])
+    root.handlers[:] = saved[1]
+    ours.setLevel(saved[2])

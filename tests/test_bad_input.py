@@ -14,16 +14,6 @@ from prefdiag.cli import app
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _restore_prefdiag_log_level():
-    """The CLI's --quiet sets logging levels process-wide; leave them as found for later tests."""
-    import logging
-
-    loggers = [logging.getLogger(), logging.getLogger("prefdiag")]
-    levels = [logger.level for logger in loggers]
-    yield
-    for logger, level in zip(loggers, levels):
-        logger.setLevel(level)
 GOOD = {"prompt": "Question: why?", "chosen": " Because.", "rejected": " No."}
 
 

@@ -47,18 +47,6 @@ IDS = [r[0] for r in ROWS]
 FLAGS = ("identical", "near_identical", "duplicate", "conflict", "empty_response", "empty_prompt", "length_ratio")
 
 
-@pytest.fixture(autouse=True)
-def _restore_prefdiag_log_level():
-    """The CLI's --quiet sets logging levels process-wide; leave them as found for later tests."""
-    import logging
-
-    loggers = [logging.getLogger(), logging.getLogger("prefdiag")]
-    levels = [logger.level for logger in loggers]
-    yield
-    for logger, level in zip(loggers, levels):
-        logger.setLevel(level)
-
-
 def standard_table() -> pd.DataFrame:
     return pd.DataFrame([{"id": i, "prompt": p, "chosen": c, "rejected": r, "source": i.split("-")[0]}
                          for i, p, c, r, _ in ROWS])

@@ -19,16 +19,6 @@ from prefdiag.data import extract_prompt, load_pairs
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _restore_prefdiag_log_level():
-    """The CLI's --quiet sets logging levels process-wide; leave them as found for later tests."""
-    import logging
-
-    loggers = [logging.getLogger(), logging.getLogger("prefdiag")]
-    levels = [logger.level for logger in loggers]
-    yield
-    for logger, level in zip(loggers, levels):
-        logger.setLevel(level)
 CHECK_COLUMNS = ["identical", "near_identical", "near_identical_score", "duplicate", "conflict", "empty_response",
                  "empty_prompt", "length_ratio", "length_ratio_score"]
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
 import textwrap
@@ -18,17 +17,6 @@ from prefdiag.cli import app
 from prefdiag.errors import UsageError
 
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _restore_logging():
-    """The CLI's setup_logging configures logging for the whole process; undo it for later tests."""
-    root, ours = logging.getLogger(), logging.getLogger("prefdiag")
-    saved = root.level, list(root.handlers), ours.level
-    yield
-    root.setLevel(saved[0])
-    root.handlers[:] = saved[1]
-    ours.setLevel(saved[2])
 
 
 def invoke(*args, **kwargs):

@@ -4,7 +4,6 @@ drawn. Skipped when no chromium is installed (.ci/run installs it)."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -18,17 +17,6 @@ from prefdiag.cli import app
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 NMR_RGB = np.array([0xD8, 0x1B, 0x60]) / 255  # prefdiag.reports.plots.NMR_COLOUR: negative-margin-regime points
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _restore_logging():
-    """The CLI's setup_logging configures logging for the whole process; undo it for later tests."""
-    root, ours = logging.getLogger(), logging.getLogger("prefdiag")
-    saved = root.level, list(root.handlers), ours.level
-    yield
-    root.setLevel(saved[0])
-    root.handlers[:] = saved[1]
-    ours.setLevel(saved[2])
 
 
 def find_browser() -> str | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -27,17 +26,6 @@ from prefdiag.reports.terminal import print_report
 
 runner = CliRunner()
 SCRIPT = "<script>alert(1)</script>"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _restore_logging():
-    """The CLI's setup_logging configures logging for the whole process; undo it for later tests."""
-    root, ours = logging.getLogger(), logging.getLogger("prefdiag")
-    saved = root.level, list(root.handlers), ours.level
-    yield
-    root.setLevel(saved[0])
-    root.handlers[:] = saved[1]
-    ours.setLevel(saved[2])
 
 
 def invoke(*args):
