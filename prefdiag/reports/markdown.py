@@ -9,12 +9,10 @@ from typing import Any
 
 import pandas as pd
 
-from prefdiag.reports.common import (  # noqa: F401 - METRIC_LABELS, format_value, metric_rows are re-exported
+from prefdiag.reports.common import (
     DATA_FLAG_LABELS,
-    METRIC_LABELS,
     baseline_rows,
     flag_labels,
-    format_value,
     gate_headline,
     gate_rows,
     group_rows,
