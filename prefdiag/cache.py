@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 # Bump when a change to scoring changes numbers, so old caches are not reused.
-SCORING_VERSION = 1
+SCORING_VERSION = 2  # 2: sliding-window layers masked to their window
 
 
 def default_cache_dir() -> Path:

@@ -10,6 +10,10 @@ Two layouts give the same numbers (to fp32 rounding):
 
 Only the hidden states that predict a completion token go through the LM head, in chunks, with the log-softmax taken
 in fp32 and the per-token log-probs summed in fp64: no ``[batch, seq, vocab]`` logits tensor ever exists.
+
+Masks follow the model's attention: sliding-window layers (Mistral, Phi-3, Gemma 2/3, Qwen2 with windows) get the
+window in their mask, per layer type. A model with layers that are not attention (Mamba, hybrids) cannot be masked
+this way: it is scored in TRL's own way, separate right-padded rows with a 2D padding mask, whatever the layout.
 """
 
 from __future__ import annotations
@@ -31,6 +35,25 @@ LAYOUTS = ("prefix", "separate")
 
 # Segment codes inside a packed row.
 _PROMPT, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, 3
+
+_ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}
+
+
+def attention_windows(config) -> dict[str, int | None] | None:
+    """How far back each kind of layer attends, from a model config: {layer type: window or None for no window};
+    the single key ``""`` when the model takes one mask for all layers; None when some layer is not attention."""
+    layer_types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if layer_types is not None:
+        kinds = set(layer_types)
+        if not kinds <= _ATTENTION_LAYER_TYPES:
+            return None
+        if kinds == {"full_attention"}:
+            return {"": None}
+        return {kind: (window if kind == "sliding_attention" else None) for kind in kinds}
+    if any(hasattr(config, name) for name in ("state_size", "ssm_state_size", "conv_kernel", "layers_block_type")):
+        return None  # state-space or hybrid models without layer_types
+    return {"": window or None}
 
 
 @dataclass(frozen=True)
@@ -139,6 +162,10 @@ class LogProbScorer:
         self.attn_implementation = getattr(config, "_attn_implementation", "eager") or "eager"
         self.device = next(model.parameters()).device
         self.use_full_forward = self.body is None or self.head is None
+        self.windows = attention_windows(config)
+        if self.windows is None and self.settings.layout != "separate":
+            log.info("%s has layers that are not attention: scoring separate rows", type(model).__name__)
+            self.settings = dataclasses.replace(self.settings, layout="separate")
         self._fp32_out_mm = self.device.type == "cuda"
         self._checked_head = False
 
@@ -217,9 +244,10 @@ class LogProbScorer:
         pos = np.zeros((batch, length), dtype=np.int64)
         seg = np.full((batch, length), _PAD, dtype=np.int64)
         flat_predict, targets, slots = [], [], []
+        left = self.settings.padding_side == "left" and self.windows is not None
         for b, row in enumerate(rows):
             n = len(row.input_ids)
-            at = slice(length - n, length) if self.settings.padding_side == "left" else slice(0, n)
+            at = slice(length - n, length) if left else slice(0, n)
             ids[b, at], pos[b, at], seg[b, at] = row.input_ids, row.position_ids, row.segments
             flat_predict.append(row.predict_at + b * length + at.start)
             targets.append(row.targets)
@@ -227,40 +255,55 @@ class LogProbScorer:
         device = self.device
         input_ids = torch.from_numpy(ids).to(device)
         position_ids = torch.from_numpy(pos).to(device)
-        mask = self._attention_mask(torch.from_numpy(seg).to(device))
+        if self.windows is None:  # the model masks itself, as in TRL: right padding and a 2D padding mask
+            mask, position_ids = torch.from_numpy(seg != _PAD).to(device=device, dtype=torch.long), None
+        else:
+            mask = self._attention_masks(torch.from_numpy(seg).to(device), position_ids)
+        positions = {} if position_ids is None else {"position_ids": position_ids}
         flat_predict_t = torch.from_numpy(np.concatenate(flat_predict)).to(device)
         targets_t = torch.from_numpy(np.concatenate(targets)).to(device)
 
         if self.use_full_forward:
-            logits = self.model(
-                input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
-            ).logits
+            logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False, **positions).logits
             selected = logits.reshape(batch * length, -1)[flat_predict_t]
             token_logps = self._logps_from_logits(selected, targets_t)
         else:
-            hidden = self.body(
-                input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
-            ).last_hidden_state
+            hidden = self.body(input_ids=input_ids, attention_mask=mask, use_cache=False, **positions).last_hidden_state
             selected = hidden.reshape(batch * length, -1)[flat_predict_t]
             token_logps = self._head_logps(selected, targets_t)
         return token_logps.double().cpu().numpy(), np.concatenate(slots)
 
-    def _attention_mask(self, segments: torch.Tensor) -> torch.Tensor:
+    def _attention_masks(
+        self, segments: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
         """[B,1,L,L] mask: causal, a response never attends to the other response, nothing attends to padding
-        (a padding query sees only itself, so no softmax row is empty)."""
+        (a padding query sees only itself, so no softmax row is empty), and a sliding-window layer sees only the
+        last ``window`` positions. One mask per layer type where the model has several."""
         length = segments.shape[1]
         idx = torch.arange(length, device=segments.device)
         causal = idx[None, :] <= idx[:, None]  # [q, k]
         seg_q = segments[:, :, None]
         seg_k = segments[:, None, :]
         same_or_prompt = (seg_k == _PROMPT) | ((seg_k == seg_q) & (seg_k != _PAD))
-        allowed = causal[None] & (same_or_prompt | torch.eye(length, dtype=torch.bool, device=segments.device)[None])
+        eye = torch.eye(length, dtype=torch.bool, device=segments.device)[None]
+        allowed = causal[None] & same_or_prompt
+        full = self._mask_values(allowed | eye)
+        masks = {}
+        for kind, window in self.windows.items():
+            masks[kind] = full
+            if window is not None and int(position_ids.max()) >= window:  # distances are position differences
+                near = (position_ids[:, :, None] - position_ids[:, None, :]) < window
+                masks[kind] = self._mask_values((allowed & near) | eye)
+        return masks[""] if "" in masks else masks
+
+    def _mask_values(self, allowed: torch.Tensor) -> torch.Tensor:
+        """A boolean [B,L,L] mask in the form the attention kernel takes, with the head axis added."""
         allowed = allowed[:, None]
         if self.attn_implementation == "sdpa":
             return allowed
         # eager (and other additive-mask kernels): 0 where allowed, the dtype's minimum elsewhere
         dtype = next(self.model.parameters()).dtype
-        additive = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         return additive.masked_fill_(~allowed, torch.finfo(dtype).min)
 
     def _head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
