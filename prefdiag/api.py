@@ -35,7 +35,7 @@ class RunOptions:
     device: str = "auto"
     max_length: int | None = None
     batch_tokens: int | None = None  # None: a default per device
-    layout: str = "prefix"
+    layout: str = "prefix"  # prefix | packed | separate (see prefdiag.scoring); never changes the numbers
     tokenizer: str | None = None
     reference_revision: str | None = None
     policy_revision: str | None = None
@@ -56,6 +56,11 @@ class RunOptions:
             raise UsageError(f"--max-length must be at least 2, got {self.max_length}")
         if self.batch_tokens is not None and self.batch_tokens < 1:
             raise UsageError(f"--batch-tokens must be positive, got {self.batch_tokens}")
+        if self.layout != RunOptions.layout:
+            from prefdiag.scoring import LAYOUTS  # imports torch: only when a layout was asked for
+
+            if self.layout not in LAYOUTS:
+                raise UsageError(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
 
 
 @dataclass
@@ -253,11 +258,13 @@ class _ModelPasses:
             if cache is not None:
                 cache.add([self.keys[i] for i in done], done_chosen, done_rejected)
 
+        scorer = LogProbScorer(model.model, settings)
         try:
-            scored_c, scored_r = LogProbScorer(model.model, settings).score(tokenized, advance, todo, save)
+            scored_c, scored_r = scorer.score(tokenized, advance, todo, save)
         finally:
             if cache is not None:
                 cache.flush()
+        record.update(layout=scorer.settings.layout, first_batch_seconds=round(scorer.first_batch_seconds, 3))
         chosen[todo], rejected[todo] = scored_c[todo], scored_r[todo]
         return record
 

@@ -1,10 +1,13 @@
 """Scoring engine: summed completion log-probs of chosen and rejected under one causal LM, batched and exact.
 
-Two layouts give the same numbers (to fp32 rounding):
+Three layouts give the same numbers (to fp32 rounding):
 
 - ``"prefix"`` (default): one row per pair, ``[prompt, chosen, rejected]``, with a 4D attention mask that keeps the
   rejected tokens from seeing the chosen ones and restarts their positions at the prompt length. The prompt is run
   through the model once for both responses.
+- ``"packed"``: the same pair segments, several to a row of fixed length, under a FlexAttention block mask
+  (``prefdiag.flex``) that skips the blocks no query may see; for GPUs. If the model or torch cannot run it, the
+  first batch falls back to ``"prefix"`` with a warning.
 - ``"separate"``: two rows per pair, ``prompt + chosen`` and ``prompt + rejected``, exactly the sequences TRL's
   DPOTrainer builds. It is the reference layout the fast one is tested against.
 
@@ -18,20 +21,23 @@ this way: it is scored in TRL's own way, separate right-padded rows with a 2D pa
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from prefdiag import flex
 from prefdiag.errors import RunError
 from prefdiag.tokenization import TokenizedPairs
 
 log = logging.getLogger(__name__)
 
-LAYOUTS = ("prefix", "separate")
+LAYOUTS = ("prefix", "packed", "separate")
 
 # Segment codes inside a packed row.
 _PROMPT, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, 3
@@ -62,6 +68,7 @@ class ScoreSettings:
 
     batch_tokens: int = 8192  # padded tokens per forward pass (rows x longest row)
     layout: str = "prefix"
+    pack_tokens: int = 4096  # "packed": the row length (at least the longest pair, at most batch_tokens)
     padding_side: str = "right"
     head_chunk_bytes: int = 256 * 2**20  # upper bound for one fp32 logits chunk
 
@@ -147,6 +154,25 @@ def next_batch(rows: list[_Row], order: list[int], start: int, batch_tokens: int
     return order[start:stop]
 
 
+def pack_rows(lengths: Sequence[int], order: list[int], capacity: int) -> list[list[int]]:
+    """Fill bins of ``capacity`` tokens with the rows in ``order`` (longest first), in linear time: each bin takes
+    rows from the long end while they fit, then tops up from the short end."""
+    bins, i, j = [], 0, len(order) - 1
+    while i <= j:
+        current, used = [order[i]], lengths[order[i]]
+        i += 1
+        while i <= j and used + lengths[order[i]] <= capacity:
+            current.append(order[i])
+            used += lengths[order[i]]
+            i += 1
+        while i <= j and used + lengths[order[j]] <= capacity:
+            current.append(order[j])
+            used += lengths[order[j]]
+            j -= 1
+        bins.append(current)
+    return bins
+
+
 class LogProbScorer:
     """Computes summed completion log-probs for rows with one causal LM (any Hugging Face architecture)."""
 
@@ -166,8 +192,13 @@ class LogProbScorer:
         if self.windows is None and self.settings.layout != "separate":
             log.info("%s has layers that are not attention: scoring separate rows", type(model).__name__)
             self.settings = dataclasses.replace(self.settings, layout="separate")
+        if self.settings.layout == "packed" and not (flex.available() and self.windows is not None):
+            self.settings = dataclasses.replace(self.settings, layout="prefix")
         self._fp32_out_mm = self.device.type == "cuda"
         self._checked_head = False
+        self.batches_done = 0
+        self.first_batch_seconds = 0.0
+        self.pack_length = 0
 
     # -- public -------------------------------------------------------------------------------------------------
 
@@ -181,23 +212,38 @@ class LogProbScorer:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Return (chosen_logp, rejected_logp) per pair as float64 arrays; NaN for pairs TRL would drop and for
         pairs not in ``pairs``. ``on_pairs_done(indices, chosen, rejected)`` is called as pairs finish."""
-        rows = build_rows(tokenized, self.settings.layout, pairs)
+        rows = build_rows(tokenized, "prefix" if self.settings.layout == "packed" else self.settings.layout, pairs)
         totals = np.zeros(2 * len(tokenized), dtype=np.float64)
         rows_left = np.bincount([row.pair for row in rows], minlength=len(tokenized))
         if not self._checked_head and rows:
             self._check_head_path(rows[0])
-        order = sorted(range(len(rows)), key=lambda k: (-len(rows[k].input_ids), k))  # longest first: OOM early
-        start = 0
-        while start < len(order):
-            batch = next_batch(rows, order, start, self.settings.batch_tokens)
+        batches = self._plan(rows, _longest_first(rows))  # longest first: an out-of-memory comes early
+        done_batches = 0
+        while done_batches < len(batches):
+            bins = batches[done_batches]
+            started = time.perf_counter()
             try:
-                values, slots = self._forward([rows[k] for k in batch])
+                values, slots = self._forward([[rows[k] for k in b] for b in bins])
             except torch.OutOfMemoryError:
-                self._shrink_after_oom(len(batch), len(rows[batch[0]].input_ids))
+                self._shrink_after_oom(sum(map(len, bins)), max(sum(len(rows[k].input_ids) for k in b) for b in bins))
+                batches = self._plan(rows, _longest_first(rows, batches[done_batches:]))
+                done_batches = 0
                 continue
-            start += len(batch)
+            except Exception as exc:
+                if self.settings.layout != "packed" or self.batches_done:
+                    raise
+                log.warning("the packed layout cannot run here (%s); using the prefix layout", _first_line(exc))
+                self.settings = dataclasses.replace(self.settings, layout="prefix")
+                batches = self._plan(rows, _longest_first(rows, batches[done_batches:]))
+                done_batches = 0
+                continue
+            if not self.batches_done:  # on CUDA the packed layout compiles its attention kernel here
+                self.first_batch_seconds = time.perf_counter() - started
+                log.info("first batch (%s layout) took %.2f s", self.settings.layout, self.first_batch_seconds)
+            done_batches += 1
+            self.batches_done += 1
             np.add.at(totals, slots, values)
-            batch_pairs = np.array([rows[k].pair for k in batch])
+            batch_pairs = np.array([rows[k].pair for b in bins for k in b])
             np.subtract.at(rows_left, batch_pairs, 1)
             done = np.unique(batch_pairs[rows_left[batch_pairs] == 0])
             if on_pairs_done is not None and len(done):
@@ -222,8 +268,31 @@ class LogProbScorer:
 
     # -- internals ----------------------------------------------------------------------------------------------
 
+    def _plan(self, rows: list[_Row], order: list[int]) -> list[list[list[int]]]:
+        """Batches of bins of row indices: a bin is one model row (one pair, or several when packed)."""
+        if not order:
+            return []
+        if self.settings.layout != "packed":
+            batches, start = [], 0
+            while start < len(order):
+                batch = next_batch(rows, order, start, self.settings.batch_tokens)
+                batches.append([[k] for k in batch])
+                start += len(batch)
+            return batches
+        lengths = [len(row.input_ids) for row in rows]
+        block = flex.BLOCK_SIZE
+        longest = -(-max(lengths[k] for k in order) // block) * block
+        self.pack_length = max(longest, min(self.settings.pack_tokens, self.settings.batch_tokens) // block * block)
+        per_batch = max(1, self.settings.batch_tokens // self.pack_length)
+        bins = pack_rows(lengths, order, self.pack_length)
+        batches = [bins[k : k + per_batch] for k in range(0, len(bins), per_batch)]
+        if flex.compiles_on(self.device.type):  # one batch shape for the whole run: the compiled kernel is reused
+            batches[-1] = batches[-1] + [[] for _ in range(per_batch - len(batches[-1]))]
+        return batches
+
     def _shrink_after_oom(self, batch_rows: int, row_length: int) -> None:
-        """Halve the token budget after an out-of-memory batch (the batch is retried, no pair is lost)."""
+        """Halve the token budget after an out-of-memory batch of ``batch_rows`` pair rows (the batch is retried, no
+        pair is lost)."""
         if batch_rows == 1:
             raise RunError(
                 f"out of memory scoring a single sequence of {row_length} tokens",
@@ -235,28 +304,43 @@ class LogProbScorer:
         self.settings = dataclasses.replace(self.settings, batch_tokens=budget)
         log.warning("out of memory on a batch of %d rows; batch budget now %d tokens", batch_rows, budget)
 
-    def _forward(self, rows: list[_Row]) -> tuple[np.ndarray, np.ndarray]:
-        """One padded forward pass; returns per-token log-probs (fp32 -> float64) and their output slots."""
-        batch, length = len(rows), max(len(r.input_ids) for r in rows)
-        if self.device.type == "cuda":
-            length = -(-length // 8) * 8  # aligned rows: tensor-core friendly, and the masked SDPA kernel wants it
+    def _forward(self, bins: list[list[_Row]]) -> tuple[np.ndarray, np.ndarray]:
+        """One padded forward pass over model rows, each holding the rows of one bin back to back; returns
+        per-token log-probs (fp32 -> float64) and their output slots."""
+        packed = self.settings.layout == "packed"
+        batch = len(bins)
+        if packed:
+            length = self.pack_length
+        else:
+            length = max(sum(len(r.input_ids) for r in b) for b in bins)
+            if self.device.type == "cuda":
+                length = -(-length // 8) * 8  # aligned rows: tensor-core friendly, and the masked SDPA kernel wants it
         ids = np.zeros((batch, length), dtype=np.int64)
         pos = np.zeros((batch, length), dtype=np.int64)
         seg = np.full((batch, length), _PAD, dtype=np.int64)
+        docs = np.full((batch, length), -1, dtype=np.int64)
         flat_predict, targets, slots = [], [], []
-        left = self.settings.padding_side == "left" and self.windows is not None
-        for b, row in enumerate(rows):
-            n = len(row.input_ids)
-            at = slice(length - n, length) if left else slice(0, n)
-            ids[b, at], pos[b, at], seg[b, at] = row.input_ids, row.position_ids, row.segments
-            flat_predict.append(row.predict_at + b * length + at.start)
-            targets.append(row.targets)
-            slots.append(row.slots)
+        left = self.settings.padding_side == "left" and self.windows is not None and not packed
+        for b, rows in enumerate(bins):
+            offset = length - sum(len(r.input_ids) for r in rows) if left else 0
+            for row in rows:
+                at = slice(offset, offset + len(row.input_ids))
+                ids[b, at], pos[b, at], seg[b, at], docs[b, at] = row.input_ids, row.position_ids, row.segments, row.pair
+                flat_predict.append(row.predict_at + b * length + offset)
+                targets.append(row.targets)
+                slots.append(row.slots)
+                offset = at.stop
         device = self.device
         input_ids = torch.from_numpy(ids).to(device)
         position_ids = torch.from_numpy(pos).to(device)
+        attention = contextlib.nullcontext()
         if self.windows is None:  # the model masks itself, as in TRL: right padding and a 2D padding mask
             mask, position_ids = torch.from_numpy(seg != _PAD).to(device=device, dtype=torch.long), None
+        elif packed:
+            segments = torch.from_numpy(seg).to(device)
+            docs_t = torch.from_numpy(docs).to(device)
+            mask = flex.block_masks(docs_t, segments, position_ids, self.windows, _CHOSEN, _REJECTED)
+            attention = flex.attention_switched_on(self.model)
         else:
             mask = self._attention_masks(torch.from_numpy(seg).to(device), position_ids)
         positions = {} if position_ids is None else {"position_ids": position_ids}
@@ -264,11 +348,15 @@ class LogProbScorer:
         targets_t = torch.from_numpy(np.concatenate(targets)).to(device)
 
         if self.use_full_forward:
-            logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False, **positions).logits
+            with attention:
+                logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False, **positions).logits
             selected = logits.reshape(batch * length, -1)[flat_predict_t]
             token_logps = self._logps_from_logits(selected, targets_t)
         else:
-            hidden = self.body(input_ids=input_ids, attention_mask=mask, use_cache=False, **positions).last_hidden_state
+            with attention:
+                hidden = self.body(
+                    input_ids=input_ids, attention_mask=mask, use_cache=False, **positions
+                ).last_hidden_state
             selected = hidden.reshape(batch * length, -1)[flat_predict_t]
             token_logps = self._head_logps(selected, targets_t)
         return token_logps.double().cpu().numpy(), np.concatenate(slots)
@@ -361,3 +449,14 @@ class LogProbScorer:
                 type(self.model).__name__,
             )
             self.use_full_forward = True
+
+
+def _longest_first(rows: list[_Row], batches: list[list[list[int]]] | None = None) -> list[int]:
+    """Indices of the rows (all, or those in ``batches``), longest first, ties in index order."""
+    indices = range(len(rows)) if batches is None else [k for batch in batches for b in batch for k in b]
+    return sorted(indices, key=lambda k: (-len(rows[k].input_ids), k))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -58,18 +58,19 @@ def test_no_cache_writes_nothing_and_other_settings_miss(model_dirs, pairs_file,
     assert reused == int((~truncated.pairs["truncated"] & ~truncated.pairs["dropped"]).sum())
 
 
-def test_interrupted_run_resumes_where_it_stopped(model_dirs, pairs_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("layout", ["prefix", "packed"])
+def test_interrupted_run_resumes_where_it_stopped(model_dirs, pairs_file, tmp_path, monkeypatch, layout):
     ref = str(model_dirs["llama"])
-    options = _options(tmp_path, batch_tokens=200)
+    options = _options(tmp_path, batch_tokens=200, layout=layout)
     expected = api.audit(str(pairs_file), ref, _options(tmp_path / "fresh", cache=False))
     original = LogProbScorer._forward
     calls = []
 
-    def dies_on_third_batch(self, rows):
-        calls.append(len(rows))
+    def dies_on_third_batch(self, bins):
+        calls.append(sum(map(len, bins)))  # pairs in the batch
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return original(self, rows)
+        return original(self, bins)
 
     monkeypatch.setattr(LogProbScorer, "_forward", dies_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
@@ -81,7 +82,8 @@ def test_interrupted_run_resumes_where_it_stopped(model_dirs, pairs_file, tmp_pa
     np.testing.assert_allclose(_columns(resumed), _columns(expected), atol=1e-5, rtol=0)
 
 
-def test_lora_policy_reuses_the_reference_weights(model_dirs, pairs_file, tmp_path, count_loads):
+@pytest.mark.parametrize("layout", ["prefix", "packed"])
+def test_lora_policy_reuses_the_reference_weights(model_dirs, pairs_file, tmp_path, count_loads, layout):
     import torch
     from oracle import full_logits_logp
     from peft import LoraConfig, get_peft_model
@@ -98,7 +100,8 @@ def test_lora_policy_reuses_the_reference_weights(model_dirs, pairs_file, tmp_pa
     lora.save_pretrained(adapter)
     merged = lora.merge_and_unload().eval()
 
-    result = api.compare(str(pairs_file), ref, str(adapter), _options(tmp_path, cache=False))
+    result = api.compare(str(pairs_file), ref, str(adapter), _options(tmp_path, cache=False, layout=layout))
+    assert result.summary["provenance"]["policy"]["layout"] == layout
     assert count_loads == [ref]  # one model in memory: the adapter went onto the reference
     rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
     tokenized = tokenize_pairs(AutoTokenizer.from_pretrained(ref), [r["prompt"] for r in rows],

@@ -76,6 +76,21 @@ def test_same_numbers_from_the_cli_in_table_and_json_modes(model_dirs, chat_file
     assert first["mean_dpo_loss"] == pytest.approx(second["mean_dpo_loss"], abs=1e-7)
 
 
+def test_every_layout_gives_the_same_numbers(model_dirs, chat_file, tmp_path):
+    tables = {}
+    for layout in ["prefix", "packed", "separate"]:
+        out = tmp_path / layout
+        result = invoke("compare", chat_file, "-r", model_dirs["qwen"], "-p", model_dirs["qwen-policy"], "--device",
+                        "cpu", "-q", "--no-cache", "--layout", layout, "--batch-tokens", "512", "-o", out)
+        assert result.exit_code == 0, result.output
+        provenance = json.loads((out / "summary.json").read_text())["provenance"]
+        assert provenance["reference"]["layout"] == provenance["policy"]["layout"] == layout
+        tables[layout] = pd.read_parquet(out / "pairs.parquet")
+    columns = ["ref_chosen_logp", "ref_rejected_logp", "policy_chosen_logp", "policy_rejected_logp"]
+    for layout in ["packed", "separate"]:
+        assert tables[layout][columns].to_numpy() == pytest.approx(tables["prefix"][columns].to_numpy(), abs=1e-5)
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

@@ -29,12 +29,14 @@ def _tokenize(tokenizer, rows, **kwargs):
 
 
 @pytest.mark.parametrize("style", ["llama", "gpt2", "qwen"])
-@pytest.mark.parametrize("layout", ["prefix", "separate"])
+@pytest.mark.parametrize("layout", ["prefix", "packed", "separate"])
 def test_logps_equal_unbatched_full_logits(model_dirs, pairs_file, chat_file, style, layout):
     tokenizer, model = _load(model_dirs, style)
     rows = _rows(chat_file if style == "qwen" else pairs_file)
     tokenized = _tokenize(tokenizer, rows)
-    chosen, rejected = LogProbScorer(model, ScoreSettings(batch_tokens=256, layout=layout)).score(tokenized)
+    scorer = LogProbScorer(model, ScoreSettings(batch_tokens=256, layout=layout))
+    chosen, rejected = scorer.score(tokenized)
+    assert scorer.settings.layout == layout  # no fallback happened
     for i in range(len(rows)):
         expected_c, n_c = full_logits_logp(model, tokenized.prompt_ids[i], tokenized.chosen_ids[i])
         expected_r, n_r = full_logits_logp(model, tokenized.prompt_ids[i], tokenized.rejected_ids[i])
@@ -113,10 +115,10 @@ def test_out_of_memory_halves_the_batch_and_loses_no_pair(model_dirs, pairs_file
     scorer = LogProbScorer(model, ScoreSettings(batch_tokens=100_000))
     original = scorer._forward
 
-    def small_device(rows):  # a device that holds at most 300 padded tokens
-        if len(rows) * max(len(r.input_ids) for r in rows) > 300:
+    def small_device(bins):  # a device that holds at most 300 padded tokens
+        if len(bins) * max(sum(len(r.input_ids) for r in rows) for rows in bins) > 300:
             raise torch.OutOfMemoryError("CUDA out of memory")
-        return original(rows)
+        return original(bins)
 
     scorer._forward = small_device
     chosen, rejected = scorer.score(tokenized)
@@ -185,7 +187,9 @@ def windowed_models():
 
 
 @pytest.mark.parametrize("name", WINDOWED)
-@pytest.mark.parametrize("layout,padding_side", [("prefix", "right"), ("prefix", "left"), ("separate", "right")])
+@pytest.mark.parametrize(
+    "layout,padding_side", [("prefix", "right"), ("prefix", "left"), ("packed", "right"), ("separate", "right")]
+)
 def test_sliding_window_and_non_attention_models_score_as_unpadded_forwards(
     windowed_models, pairs_file, name, layout, padding_side
 ):
@@ -203,3 +207,38 @@ def test_sliding_window_and_non_attention_models_score_as_unpadded_forwards(
         expected_r, _ = full_logits_logp(model, tokenized.prompt_ids[i], tokenized.rejected_ids[i])
         assert chosen[i] == pytest.approx(expected_c, abs=1e-4)
         assert rejected[i] == pytest.approx(expected_r, abs=1e-4)
+
+
+def test_packed_rows_hold_several_pairs_each_once_within_the_row_length():
+    from prefdiag.scoring import pack_rows
+
+    lengths = list(np.random.default_rng(0).integers(50, 900, size=2000))
+    order = sorted(range(len(lengths)), key=lambda k: -lengths[k])
+    bins = pack_rows(lengths, order, 2048)
+    assert sorted(k for b in bins for k in b) == list(range(len(lengths)))
+    assert all(sum(lengths[k] for k in b) <= 2048 for b in bins)
+    assert sum(lengths) / (2048 * len(bins)) > 0.9  # rows are nearly full: little padding
+    assert pack_rows([3000, 10], [0, 1], 3000) == [[0], [1]]
+
+
+def test_packed_layout_falls_back_to_prefix_when_the_kernel_cannot_run(model_dirs, pairs_file, monkeypatch, caplog):
+    import logging
+
+    from prefdiag import flex
+
+    caplog.set_level(logging.WARNING, logger="prefdiag")
+    tokenizer, model = _load(model_dirs, "llama")
+    tokenized = _tokenize(tokenizer, _rows(pairs_file))
+    expected = LogProbScorer(model).score(tokenized)
+
+    def no_kernel(*args, **kwargs):
+        raise NotImplementedError("no flex attention on this device")
+
+    monkeypatch.setattr(flex, "attention", no_kernel)
+    scorer = LogProbScorer(model, ScoreSettings(batch_tokens=256, layout="packed"))
+    chosen, rejected = scorer.score(tokenized)
+    assert scorer.settings.layout == "prefix"
+    assert "packed layout cannot run here (NotImplementedError: no flex attention" in caplog.text
+    assert model.config._attn_implementation == "sdpa"  # the model's own attention is back
+    np.testing.assert_allclose(chosen, expected[0], atol=1e-5)
+    np.testing.assert_allclose(rejected, expected[1], atol=1e-5)

@@ -34,6 +34,12 @@ class Dtype(str, Enum):
     float16 = "float16"
 
 
+class Layout(str, Enum):
+    prefix = "prefix"
+    packed = "packed"
+    separate = "separate"
+
+
 class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
@@ -62,6 +68,15 @@ MaxLength = Annotated[
 ]
 BatchTokens = Annotated[
     Optional[int], typer.Option(help="Padded tokens per forward pass (default 16384 on GPU, 4096 on CPU).")
+]
+LayoutOpt = Annotated[
+    Layout,
+    typer.Option(
+        "--layout",
+        help="How pairs become model rows; never changes the numbers. prefix: one row per pair, the prompt run once. "
+        "packed: several pairs per row under a FlexAttention block mask (GPU; compiles its kernel on the first batch). "
+        "separate: prompt+chosen and prompt+rejected rows, as TRL runs them.",
+    ),
 ]
 Tokenizer = Annotated[Optional[str], typer.Option(help="Tokenizer to use instead of the reference's.")]
 Revision = Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit) of the reference.")]

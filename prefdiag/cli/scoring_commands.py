@@ -41,6 +41,7 @@ def _options(**kwargs: Any):
     kwargs["dtype"] = kwargs["dtype"].value
     kwargs["device"] = kwargs["device"].value
     kwargs["data_format"] = kwargs["data_format"].value
+    kwargs["layout"] = kwargs["layout"].value
     return RunOptions(columns=columns, **kwargs)
 
 
@@ -59,6 +60,7 @@ def audit(
     dtype: o.DtypeOpt = o.Dtype.auto,
     device: o.DeviceOpt = o.Device.auto,
     batch_tokens: o.BatchTokens = None,
+    layout: o.LayoutOpt = o.Layout.prefix,
     tokenizer: o.Tokenizer = None,
     revision: o.Revision = None,
     trust_remote_code: o.TrustRemoteCode = False,
@@ -98,7 +100,7 @@ def audit(
 
     setup_logging(quiet)
     options = _options(
-        beta=beta, max_length=max_length, dtype=dtype, device=device, batch_tokens=batch_tokens,
+        beta=beta, max_length=max_length, dtype=dtype, device=device, batch_tokens=batch_tokens, layout=layout,
         tokenizer=tokenizer, reference_revision=revision, trust_remote_code=trust_remote_code, split=split,
         prompt_column=prompt_column, chosen_column=chosen_column, rejected_column=rejected_column,
         id_column=id_column, cache=not no_cache, cache_dir=cache_dir, data_format=data_format, group_by=group_by,
@@ -119,6 +121,7 @@ def compare(
     dtype: o.DtypeOpt = o.Dtype.auto,
     device: o.DeviceOpt = o.Device.auto,
     batch_tokens: o.BatchTokens = None,
+    layout: o.LayoutOpt = o.Layout.prefix,
     tokenizer: o.Tokenizer = None,
     revision: o.Revision = None,
     policy_revision: o.PolicyRevision = None,
@@ -156,7 +159,7 @@ def compare(
 
     setup_logging(quiet)
     options = _options(
-        beta=beta, max_length=max_length, dtype=dtype, device=device, batch_tokens=batch_tokens,
+        beta=beta, max_length=max_length, dtype=dtype, device=device, batch_tokens=batch_tokens, layout=layout,
         tokenizer=tokenizer, reference_revision=revision, policy_revision=policy_revision,
         trust_remote_code=trust_remote_code, split=split, prompt_column=prompt_column,
         chosen_column=chosen_column, rejected_column=rejected_column, id_column=id_column,
