@@ -37,12 +37,14 @@ import json
 import os
 import platform
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -286,19 +288,20 @@ def peak_flops(device: str, gpu: str | None, override: float | None) -> float | 
 # -- side by side ---------------------------------------------------------------------------------------------------
 
 
-def prefdiag_command(paths: dict, out: Path, device: str, dtype: str) -> list[str]:
+def prefdiag_command(paths: dict, out: Path, device: str, dtype: str, extra: Sequence[str] = ()) -> list[str]:
     return [sys.executable, str(HERE / "prefdiag_timed.py"), "compare", paths["data"], "-r", paths["reference"],
-            "-p", paths["policy"], "--device", device, "--dtype", dtype, "-q", "-o", str(out)]  # fmt: skip
+            "-p", paths["policy"], "--device", device, "--dtype", dtype, "-q", "-o", str(out), *extra]  # fmt: skip
 
 
-def run_prefdiag(label: str, paths: dict, work: Path, device: str, dtype: str, cache: Path, timeout: float) -> dict:
+def run_prefdiag(label: str, paths: dict, work: Path, device: str, dtype: str, cache: Path, timeout: float,
+                 extra: Sequence[str] = ()) -> dict:
     """One prefdiag process; returns its wall time, instrumented phases and what its summary says about memory."""
     out = work / "runs" / label
     shutil.rmtree(out, ignore_errors=True)
     stats_file = work / "runs" / f"{label}.stats.json"
     stats_file.parent.mkdir(parents=True, exist_ok=True)
     env = child_env({"PREFDIAG_CACHE_DIR": str(cache), "PREFDIAG_BENCH_STATS": str(stats_file)})
-    done = run_process(label, prefdiag_command(paths, out, device, dtype), work / "logs", timeout, env)
+    done = run_process(label, prefdiag_command(paths, out, device, dtype, extra), work / "logs", timeout, env)
     result: dict[str, Any] = {"process_seconds": done["seconds"], "cpu_seconds": done["cpu_seconds"], "rc": done["rc"],
                               "output": str(out), "load_average": done["load_average"]}  # fmt: skip
     if stats_file.exists():
@@ -309,6 +312,8 @@ def run_prefdiag(label: str, paths: dict, work: Path, device: str, dtype: str, c
         reported = {k: v for k, v in _walk(provenance) if "memory" in k.lower() or "peak" in k.lower()}
         if reported:
             result["memory_reported_by_prefdiag"] = reported
+        result["scoring"] = {model: {k: provenance[model][k] for k in ("layout", "first_batch_seconds")
+                                     if k in provenance.get(model, {})} for model in ("reference", "policy")}
     return result
 
 
@@ -345,7 +350,8 @@ def side_by_side(args, shape: make_models.Shape) -> dict[str, Any]:
         cache = fresh_cache_dir(work / "caches")
         labels = ["prefdiag_first"] + ([] if args.skip_second else ["prefdiag_second"])
         for label in labels:
-            run = run_prefdiag(label + suffix, paths, work, args.device, args.dtype, cache, child_timeout(args))
+            run = run_prefdiag(label + suffix, paths, work, args.device, args.dtype, cache, child_timeout(args),
+                               args.prefdiag_args)
             samples.setdefault(label, []).append(run)
             args.checkpoint({"side_by_side_partial": samples})
         shutil.rmtree(cache, ignore_errors=True)
@@ -664,7 +670,8 @@ def scaling(args) -> dict[str, Any]:
         cache = fresh_cache_dir(work / "caches")
         point: dict[str, Any] = {"pairs": n}
         for label in ("first", "second"):
-            run = run_prefdiag(f"scaling-{n}-{label}", paths, work, args.device, args.dtype, cache, child_timeout(args))
+            run = run_prefdiag(f"scaling-{n}-{label}", paths, work, args.device, args.dtype, cache, child_timeout(args),
+                               args.prefdiag_args)
             stats = run.get("stats", {})
             point[label] = {
                 "process_seconds": run["process_seconds"],
@@ -724,6 +731,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, help="dataset size (default: the shape's)")
     parser.add_argument("--layers", type=int, help="override the shape's layer count (smoke tests)")
     parser.add_argument("--batch-size", type=int, default=8, help="TRL's per_device_eval_batch_size")
+    parser.add_argument("--prefdiag-args", type=shlex.split, default=[],
+                        help="extra prefdiag compare options, e.g. '--layout packed --batch-tokens 32768'")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed for each child process")
     parser.add_argument("--deadline", type=float, help="seconds for the whole harness: children are cut to fit")
     parser.add_argument("--peak-flops", type=float, help="the accelerator's peak FLOP/s for MFU (default: by GPU name)")

@@ -12,10 +12,13 @@
 #   1. install the wheels (--no-deps, into a separate directory) and use this checkout's prefdiag via PYTHONPATH
 #   2. qwen0.5b side by side: prefdiag compare (cold cache), again (warm cache), TRL DPOTrainer.evaluate (bf16,
 #      batch 8) -> $OUT/qwen_side_by_side.json
-#   3. precision on qwen0.5b: fp32 truth vs prefdiag bf16 vs emulated TRL/naive bf16 -> $OUT/qwen_precision.json
-#   4. llama8b (Llama-3-8B shape, built on the GPU), prefdiag only: MFU and peak memory -> $OUT/llama8b.json
+#   3. qwen0.5b, prefdiag --layout packed (FlexAttention), first run only -> $OUT/qwen_packed.json
+#   4. llama8b (Llama-3-8B shape, built on the GPU), prefdiag --layout packed: MFU, peak memory, compile time
+#      (first_batch_seconds) -> $OUT/llama8b_packed.json
+#   5. llama8b, prefdiag default layout -> $OUT/llama8b.json
+#   6. precision on qwen0.5b: fp32 truth vs prefdiag bf16 vs emulated TRL/naive bf16 -> $OUT/qwen_precision.json
 # Everything printed also goes to $OUT/gpu_check.log; $OUT/env.txt records the machine and package versions.
-# At most 8 files come back from $OUT; this script writes 5.
+# At most 8 files come back from $OUT; this script writes 7.
 set -u -o pipefail
 
 cd "$(dirname "$0")/.."
@@ -28,7 +31,8 @@ PY=${PYTHON:-python3}
 QWEN_PAIRS=${QWEN_PAIRS:-1024}
 PRECISION_PAIRS=${PRECISION_PAIRS:-128}
 LLAMA_PAIRS=${LLAMA_PAIRS:-256}
-STEPS=${STEPS:-"qwen-side-by-side qwen-precision llama8b"}
+STEPS=${STEPS:-"qwen-side-by-side qwen-packed llama8b-packed llama8b qwen-precision"}
+PACKED=${PACKED:-"--layout packed"}  # prefdiag options of the packed steps (e.g. add --batch-tokens 32768)
 # For a dry run without a GPU: DEVICE=cpu LAYERS=1 QWEN_PAIRS=8 PRECISION_PAIRS=4 STEPS=... (not a measurement)
 DEVICE=${DEVICE:-cuda}
 LAYERS=${LAYERS:-}
@@ -105,15 +109,21 @@ EOF
 
 BENCH=("$PY" benchmarks/bench_compare.py --device "$DEVICE" --dtype bfloat16 --work "$WORK" ${LAYERS:+--layers "$LAYERS"})
 
-step qwen-side-by-side 300 "${BENCH[@]}" --shape qwen0.5b --pairs "$QWEN_PAIRS" --batch-size 8 \
-    --deadline 290 --json "$OUT/qwen_side_by_side.json"
+step qwen-side-by-side 220 "${BENCH[@]}" --shape qwen0.5b --pairs "$QWEN_PAIRS" --batch-size 8 \
+    --deadline 210 --json "$OUT/qwen_side_by_side.json"
 
-step qwen-precision 100 "${BENCH[@]}" --shape qwen0.5b --pairs "$QWEN_PAIRS" --precision \
-    --precision-pairs "$PRECISION_PAIRS" --deadline 95 --json "$OUT/qwen_precision.json"
+step qwen-packed 100 "${BENCH[@]}" --shape qwen0.5b --pairs "$QWEN_PAIRS" --skip-trl --skip-second \
+    --prefdiag-args "$PACKED" --deadline 95 --json "$OUT/qwen_packed.json"
+
+step llama8b-packed 200 "${BENCH[@]}" --shape llama8b --pairs "$LLAMA_PAIRS" --skip-trl --skip-second \
+    --prefdiag-args "$PACKED" --deadline 190 --json "$OUT/llama8b_packed.json"
+
+step llama8b 120 "${BENCH[@]}" --shape llama8b --pairs "$LLAMA_PAIRS" --skip-trl --skip-second \
+    --deadline 115 --json "$OUT/llama8b.json"
 
 left=$((BUDGET_S - SECONDS - 10))
-step llama8b 400 "${BENCH[@]}" --shape llama8b --pairs "$LLAMA_PAIRS" --skip-trl --skip-second \
-    --deadline "$left" --json "$OUT/llama8b.json"
+step qwen-precision 100 "${BENCH[@]}" --shape qwen0.5b --pairs "$QWEN_PAIRS" --precision \
+    --precision-pairs "$PRECISION_PAIRS" --deadline "$left" --json "$OUT/qwen_precision.json"
 
 progress "done; results in $OUT:"
 ls -la "$OUT"

@@ -100,7 +100,7 @@ def test_lora_policy_reuses_the_reference_weights(model_dirs, pairs_file, tmp_pa
     lora.save_pretrained(adapter)
     merged = lora.merge_and_unload().eval()
 
-    result = api.compare(str(pairs_file), ref, str(adapter), _options(tmp_path, cache=False, layout=layout))
+    result = api.compare(str(pairs_file), ref, str(adapter), _options(tmp_path, cache=False, layout=layout, batch_tokens=512))
     assert result.summary["provenance"]["policy"]["layout"] == layout
     assert count_loads == [ref]  # one model in memory: the adapter went onto the reference
     rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
