@@ -15,14 +15,16 @@ Only the hidden states that predict a completion token go through the LM head, i
 in fp32 and the per-token log-probs summed in fp64: no ``[batch, seq, vocab]`` logits tensor ever exists.
 
 Masks follow the model's attention: sliding-window layers (Mistral, Phi-3, Gemma 2/3, Qwen2 with windows) get the
-window in their mask, per layer type. A model with layers that are not attention (Mamba, hybrids) cannot be masked
-this way: it is scored in TRL's own way, separate right-padded rows with a 2D padding mask, whatever the layout.
+window in their mask, per layer type. A model these masks cannot describe (layers that are not attention, as in
+Mamba and hybrids; ALiBi, as in Bloom and MPT) is scored in TRL's own way, separate right-padded rows with a 2D
+padding mask, whatever the layout.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -45,9 +47,13 @@ _PROMPT, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, 3
 _ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}
 
 
-def attention_windows(config) -> dict[str, int | None] | None:
-    """How far back each kind of layer attends, from a model config: {layer type: window or None for no window};
-    the single key ``""`` when the model takes one mask for all layers; None when some layer is not attention."""
+def attention_windows(model: torch.nn.Module) -> dict[str, int | None] | None:
+    """How far back each kind of layer attends: {layer type: window or None for no window}, the single key ``""``
+    when the model takes one mask for all layers. None when our masks cannot describe the model: a layer that is not
+    attention, ALiBi (its bias follows token indices, not positions), or no ``position_ids`` input."""
+    config = model.config
+    if getattr(config, "alibi", False) or "position_ids" not in inspect.signature(model.forward).parameters:
+        return None
     layer_types = getattr(config, "layer_types", None)
     window = getattr(config, "sliding_window", None)
     if layer_types is not None:
@@ -188,9 +194,9 @@ class LogProbScorer:
         self.attn_implementation = getattr(config, "_attn_implementation", "eager") or "eager"
         self.device = next(model.parameters()).device
         self.use_full_forward = self.body is None or self.head is None
-        self.windows = attention_windows(config)
+        self.windows = attention_windows(model)
         if self.windows is None and self.settings.layout != "separate":
-            log.info("%s has layers that are not attention: scoring separate rows", type(model).__name__)
+            log.info("%s builds its own attention masks: scoring separate rows", type(model).__name__)
             self.settings = dataclasses.replace(self.settings, layout="separate")
         if self.settings.layout == "packed" and not (flex.available() and self.windows is not None):
             self.settings = dataclasses.replace(self.settings, layout="prefix")

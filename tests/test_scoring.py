@@ -154,8 +154,8 @@ def test_identical_responses_tie_exactly(model_dirs):
 
 
 def _windowed_model(name: str, vocab: int):
-    """Tiny models whose masks are not plain causal: windows shorter than the pairs, and layers that are not
-    attention at all."""
+    """Tiny models whose masks are not plain causal: windows shorter than the pairs, ALiBi biases that follow token
+    indices, and layers that are not attention at all."""
     import torch
     import transformers
 
@@ -169,13 +169,18 @@ def _windowed_model(name: str, vocab: int):
     if name == "qwen2 eager: sliding and full layers":
         return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
             use_sliding_window=True, sliding_window=5, max_window_layers=1, attn_implementation="eager", **common))
+    if name == "bloom: alibi":
+        return transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=vocab, hidden_size=32, n_layer=2,
+                                                                      n_head=4))
+    if name == "mpt: alibi":
+        return transformers.MptForCausalLM(transformers.MptConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=4))
     assert name == "mamba: no attention"
     return transformers.MambaForCausalLM(
         transformers.MambaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, state_size=4))
 
 
 WINDOWED = ["mistral: one mask, window 6", "gemma2: sliding and full layers", "qwen2 eager: sliding and full layers",
-            "mamba: no attention"]
+            "bloom: alibi", "mpt: alibi", "mamba: no attention"]
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +199,8 @@ def test_sliding_window_and_non_attention_models_score_as_unpadded_forwards(
     windowed_models, pairs_file, name, layout, padding_side
 ):
     """Regression: a 4D mask made every layer attend to the whole prefix, so sliding-window layers saw past their
-    window (0.26 nats off on Mistral, 0.93 on Gemma 2) and Mamba crashed on the mask."""
+    window (0.26 nats off on Mistral, 0.93 on Gemma 2); MPT's ALiBi measured distances across the chosen response
+    (0.06 nats off), and Bloom and Mamba crashed on the mask."""
     tokenizer, models = windowed_models
     model = models[name]
     rows = _rows(pairs_file)[:8]

@@ -1,0 +1,62 @@
+"""Any causal LM architecture scores as its own unpadded forward does, in every layout: rotary, learned and
+ALiBi positions, sliding windows, logit soft-capping and scaling, attention sinks, mixtures of experts."""
+
+from __future__ import annotations
+
+import pytest
+from oracle import full_logits_logp
+
+from prefdiag.scoring import LogProbScorer, ScoreSettings
+from prefdiag.tokenization import tokenize_pairs
+
+ARCHITECTURES = [
+    "opt", "gpt_neox", "phi", "stablelm", "gptj", "codegen", "gpt_bigcode", "olmo2", "starcoder2", "cohere",
+    "granite", "gemma", "gemma3_text", "qwen3", "mixtral", "exaone4", "gpt_oss", "ministral", "persimmon", "xglm",
+    "biogpt", "llama4_text",
+]  # fmt: skip
+
+TINY = {"hidden_size": 32, "n_embd": 32, "d_model": 32, "intermediate_size": 64, "ffn_dim": 64, "n_inner": 64,
+        "num_hidden_layers": 2, "n_layer": 2, "num_layers": 2, "num_attention_heads": 4, "n_head": 4, "num_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 8, "rotary_dim": 4, "max_position_embeddings": 512, "n_positions": 512,
+        "sliding_window": 6}  # fmt: skip
+
+
+def _tiny_model(model_type: str, vocab: int):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type)
+    config.vocab_size = vocab
+    for name, value in TINY.items():
+        if hasattr(config, name):
+            setattr(config, name, value)
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = config.layer_types[: config.num_hidden_layers]
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenized():
+    from conftest import build_tokenizer, make_pairs
+
+    tokenizer = build_tokenizer("llama")
+    rows = make_pairs(6)
+    pairs = tokenize_pairs(tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows],
+                           [r["rejected"] for r in rows])
+    return len(tokenizer), pairs
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_every_layout_scores_as_the_models_own_forward(tokenized, model_type):
+    vocab, pairs = tokenized
+    model = _tiny_model(model_type, vocab)
+    expected = [
+        (full_logits_logp(model, p, c)[0], full_logits_logp(model, p, r)[0])
+        for p, c, r in zip(pairs.prompt_ids, pairs.chosen_ids, pairs.rejected_ids)
+    ]
+    for layout in ["prefix", "packed"]:
+        chosen, rejected = LogProbScorer(model, ScoreSettings(batch_tokens=256, layout=layout)).score(pairs)
+        for i, (c, r) in enumerate(expected):
+            assert chosen[i] == pytest.approx(c, abs=1e-4), (layout, i)
+            assert rejected[i] == pytest.approx(r, abs=1e-4), (layout, i)
