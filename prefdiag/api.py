@@ -264,7 +264,12 @@ class _ModelPasses:
         finally:
             if cache is not None:
                 cache.flush()
-        record.update(layout=scorer.settings.layout, first_batch_seconds=round(scorer.first_batch_seconds, 3))
+        computed = scorer.tokens["computed"]
+        record.update(
+            layout=scorer.settings.layout,
+            first_batch_seconds=round(scorer.first_batch_seconds, 3),
+            padding_fraction=round(1 - scorer.tokens["real"] / computed, 4) if computed else 0.0,
+        )
         chosen[todo], rejected[todo] = scored_c[todo], scored_r[todo]
         return record
 

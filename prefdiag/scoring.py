@@ -151,11 +151,17 @@ def build_rows(tokenized: TokenizedPairs, layout: str = "prefix", pairs: Sequenc
     return rows
 
 
-def next_batch(rows: list[_Row], order: list[int], start: int, batch_tokens: int) -> list[int]:
-    """The rows order[start:stop] that fit the padded token budget (rows x longest row), at least one."""
+def next_batch(rows: list[_Row], order: list[int], start: int, batch_tokens: int, max_padding: float = 0.1) -> list[int]:
+    """The rows order[start:stop] that fit the padded token budget (rows x longest row), at least one, none shorter
+    than the longest by more than ``max_padding`` of it: a long outlier does not pad a batch of short rows."""
     stop = start + 1
     longest = len(rows[order[start]].input_ids)  # order is longest first: the first row sets the padded length
-    while stop < len(order) and longest * (stop - start + 1) <= batch_tokens:
+    shortest = longest * (1 - max_padding)
+    while (
+        stop < len(order)
+        and longest * (stop - start + 1) <= batch_tokens
+        and len(rows[order[stop]].input_ids) >= shortest
+    ):
         stop += 1
     return order[start:stop]
 
@@ -204,6 +210,7 @@ class LogProbScorer:
         self._checked_head = False
         self.batches_done = 0
         self.first_batch_seconds = 0.0
+        self.tokens = {"real": 0, "computed": 0}  # model inputs: real tokens, and real plus padding
         self.pack_length = 0
 
     # -- public -------------------------------------------------------------------------------------------------
@@ -339,6 +346,8 @@ class LogProbScorer:
         device = self.device
         input_ids = torch.from_numpy(ids).to(device)
         position_ids = torch.from_numpy(pos).to(device)
+        self.tokens["real"] += int((seg != _PAD).sum())
+        self.tokens["computed"] += batch * length
         attention = contextlib.nullcontext()
         if self.windows is None:  # the model masks itself, as in TRL: right padding and a 2D padding mask
             mask, position_ids = torch.from_numpy(seg != _PAD).to(device=device, dtype=torch.long), None

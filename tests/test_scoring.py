@@ -248,3 +248,13 @@ def test_packed_layout_falls_back_to_prefix_when_the_kernel_cannot_run(model_dir
     assert model.config._attn_implementation == "sdpa"  # the model's own attention is back
     np.testing.assert_allclose(chosen, expected[0], atol=1e-5)
     np.testing.assert_allclose(rejected, expected[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["prefix", "separate"])
+def test_padding_stays_under_a_tenth_of_the_computed_tokens(model_dirs, pairs_file, layout):
+    tokenizer, model = _load(model_dirs, "llama")
+    rows = _rows(pairs_file)
+    rows[0] = dict(rows[0], prompt=rows[0]["prompt"] * 6)  # one long outlier among short pairs
+    scorer = LogProbScorer(model, ScoreSettings(batch_tokens=4096, layout=layout))
+    scorer.score(_tokenize(tokenizer, rows))
+    assert 1 - scorer.tokens["real"] / scorer.tokens["computed"] <= 0.1
