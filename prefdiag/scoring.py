@@ -204,7 +204,8 @@ class LogProbScorer:
         if self.windows is None and self.settings.layout != "separate":
             log.info("%s builds its own attention masks: scoring separate rows", type(model).__name__)
             self.settings = dataclasses.replace(self.settings, layout="separate")
-        if self.settings.layout == "packed" and not (flex.available() and self.windows is not None):
+        if self.settings.layout == "packed" and not flex.available():
+            log.warning("this torch has no FlexAttention (torch >= 2.5): using the prefix layout")
             self.settings = dataclasses.replace(self.settings, layout="prefix")
         self._fp32_out_mm = self.device.type == "cuda"
         self._checked_head = False
