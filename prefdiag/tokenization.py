@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from prefdiag.errors import ModelError
+from prefdiag.errors import DataError, ModelError
 
 
 @dataclass
@@ -58,11 +58,30 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    out = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
-    )
-    return list(out["input_ids"])
+def _chat_ids(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool, rows: list[int]):
+    """Token ids of each conversation: ``apply_chat_template`` on the whole batch, which renders each one and
+    tokenizes them together (the same ids as one call per conversation, several times faster). A conversation the
+    template rejects is named by its row."""
+
+    def render(batch):
+        return tokenizer.apply_chat_template(
+            batch, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
+        )["input_ids"]
+
+    try:
+        return [list(ids) for ids in render(conversations)]
+    except Exception:
+        for row, conversation in zip(rows, conversations):
+            try:
+                render([conversation])
+            except Exception as exc:
+                message = str(exc).strip().splitlines()
+                raise DataError(
+                    f"row {row + 1}: the chat template cannot render this conversation "
+                    f"({type(exc).__name__}: {message[0] if message else ''})",
+                    hint="check the roles and content of that row, or pass --tokenizer with another chat template",
+                ) from None
+        raise
 
 
 def tokenize_pairs(
@@ -97,13 +116,14 @@ def tokenize_pairs(
         enc_r = tokenizer([p + r for p, r in zip(texts_p, texts_r)])["input_ids"]
         for k, i in enumerate(string_rows):
             prompt_ids[i], full_chosen[i], full_rejected[i] = list(enc_p[k]), list(enc_c[k]), list(enc_r[k])
-    for i in range(n):
-        if conversational[i]:
-            prompt_ids[i] = _chat_ids(tokenizer, list(prompts[i]), add_generation_prompt=True)
-            full_chosen[i] = _chat_ids(tokenizer, list(prompts[i]) + list(chosen[i]), add_generation_prompt=False)
-            full_rejected[i] = _chat_ids(
-                tokenizer, list(prompts[i]) + list(rejected[i]), add_generation_prompt=False
-            )
+    chat_rows = [i for i in range(n) if conversational[i]]
+    if chat_rows:
+        chat_prompts = [list(prompts[i]) for i in chat_rows]
+        enc_p = _chat_ids(tokenizer, chat_prompts, True, chat_rows)
+        enc_c = _chat_ids(tokenizer, [p + list(chosen[i]) for p, i in zip(chat_prompts, chat_rows)], False, chat_rows)
+        enc_r = _chat_ids(tokenizer, [p + list(rejected[i]) for p, i in zip(chat_prompts, chat_rows)], False, chat_rows)
+        for k, i in enumerate(chat_rows):
+            prompt_ids[i], full_chosen[i], full_rejected[i] = enc_p[k], enc_c[k], enc_r[k]
 
     shared, chosen_ids, rejected_ids = [], [], []
     chosen_full = np.zeros(n, dtype=np.int64)

@@ -158,6 +158,29 @@ def test_hh_format_on_pairs_without_a_shared_assistant_turn_names_the_row(tmp_pa
         "extract_prompt")
 
 
+def test_a_conversation_the_chat_template_rejects_names_its_row(model_dirs, tmp_path):
+    from conftest import build_tokenizer
+
+    strict = build_tokenizer("qwen")
+    strict.chat_template = (
+        "{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
+        "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
+        "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    strict.save_pretrained(tmp_path / "strict")
+    good = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "yes"}],
+            "rejected": [{"role": "assistant", "content": "no"}]}
+    tool = {**good, "prompt": [{"role": "tool", "content": "42"}, {"role": "user", "content": "hi"}]}
+    path = tmp_path / "chat.jsonl"
+    path.write_text(jsonl(good, good, tool, good))
+    out = tmp_path / "out"
+    result = run_cli(["audit", path, "-r", model_dirs["qwen"], "--tokenizer", tmp_path / "strict", "--device", "cpu",
+                      "--no-cache"], out)
+    assert_clean_usage_error(result, "row 3: the chat template cannot render this conversation", out)
+    assert "unknown role tool" in result.stderr
+
+
 def test_bad_data_fails_before_any_model_is_loaded(tmp_path, monkeypatch):
     from prefdiag import models
 
