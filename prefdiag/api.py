@@ -35,6 +35,7 @@ class RunOptions:
     device: str = "auto"
     max_length: int | None = None
     batch_tokens: int | None = None  # None: a default per device
+    shard: bool = False  # spread each model over every visible GPU (device_map="auto"), for models larger than one
     layout: str = "prefix"  # prefix | packed | separate (see prefdiag.scoring); never changes the numbers
     tokenizer: str | None = None
     reference_revision: str | None = None
@@ -244,7 +245,7 @@ class _ModelPasses:
             self.release()
             self.loaded = models.load_model(
                 name, dtype=self.dtype, device=self.device, revision=revision,
-                trust_remote_code=options.trust_remote_code, what=label,
+                trust_remote_code=options.trust_remote_code, what=label, shard=options.shard,
             )  # fmt: skip
         model = models.attach_adapter(self.loaded, adapter) if adapter is not None else self.loaded
         record.update(model.provenance())

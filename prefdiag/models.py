@@ -120,13 +120,17 @@ def load_model(
     revision: str | None = None,
     trust_remote_code: bool = False,
     what: str = "model",
+    shard: bool = False,
 ) -> LoadedModel:
-    """Load a causal LM in eval mode (dropout off) on the device, preferring safetensors and SDPA attention."""
+    """Load a causal LM in eval mode (dropout off) on the device, preferring safetensors and SDPA attention;
+    ``shard`` spreads its layers over every visible GPU (transformers' ``device_map="auto"``)."""
     from transformers import AutoModelForCausalLM
 
     check_model_path(name, what)
     kwargs = dict(revision=revision, dtype=dtype, trust_remote_code=trust_remote_code)
-    if device.type == "cuda":
+    if shard:
+        kwargs["device_map"] = "auto"
+    elif device.type == "cuda":
         kwargs["device_map"] = {"": device.index or 0}  # weights go straight to the GPU, never staged on the CPU
     try:
         try:
@@ -137,7 +141,8 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="eager", **kwargs)
     except Exception as exc:
         raise ModelError(f"cannot load {what} {name!r}: {_first_line(exc)}") from exc
-    model.to(device)
+    if not shard:
+        model.to(device)
     model.eval()
     commit = getattr(model.config, "_commit_hash", None)
     return LoadedModel(

@@ -198,7 +198,7 @@ class LogProbScorer:
         self.logit_scale = getattr(config, "logit_scale", None)  # Cohere multiplies logits by it
         self.logits_scaling = getattr(config, "logits_scaling", None)  # Granite divides logits by it
         self.attn_implementation = getattr(config, "_attn_implementation", "eager") or "eager"
-        self.device = next(model.parameters()).device
+        self.device = model.get_input_embeddings().weight.device  # where inputs go; a sharded model ends elsewhere
         self.use_full_forward = self.body is None or self.head is None
         self.windows = attention_windows(model)
         if self.windows is None and self.settings.layout != "separate":
@@ -366,15 +366,16 @@ class LogProbScorer:
         if self.use_full_forward:
             with attention:
                 logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False, **positions).logits
-            selected = logits.reshape(batch * length, -1)[flat_predict_t]
-            token_logps = self._logps_from_logits(selected, targets_t)
+            selected = logits.reshape(batch * length, -1)[flat_predict_t.to(logits.device)]
+            token_logps = self._logps_from_logits(selected, targets_t.to(logits.device))
         else:
             with attention:
                 hidden = self.body(
                     input_ids=input_ids, attention_mask=mask, use_cache=False, **positions
                 ).last_hidden_state
-            selected = hidden.reshape(batch * length, -1)[flat_predict_t]
-            token_logps = self._head_logps(selected, targets_t)
+            head_device = self.head.weight.device
+            selected = hidden.reshape(batch * length, -1)[flat_predict_t.to(hidden.device)].to(head_device)
+            token_logps = self._head_logps(selected, targets_t.to(head_device))
         return token_logps.double().cpu().numpy(), np.concatenate(slots)
 
     def _attention_masks(
@@ -456,7 +457,8 @@ class LogProbScorer:
         n = min(len(row.input_ids), 16)
         ids = torch.from_numpy(row.input_ids[:n][None]).to(self.device)
         full = self.model(input_ids=ids, use_cache=False).logits[0].float()
-        ours = self._head_logits(self.body(input_ids=ids, use_cache=False).last_hidden_state[0])
+        hidden = self.body(input_ids=ids, use_cache=False).last_hidden_state[0]
+        ours = self._head_logits(hidden.to(self.head.weight.device)).to(full.device)
         scale = float(full.abs().max().clamp_min(1.0))
         tolerance = 1e-3 if self.head.weight.dtype == torch.float32 else 3e-2  # bf16/fp16 logits round at ~0.4%
         if not torch.allclose(full, ours, atol=tolerance * scale, rtol=tolerance):

@@ -91,6 +91,30 @@ def test_every_layout_gives_the_same_numbers(model_dirs, chat_file, tmp_path):
         assert tables[layout][columns].to_numpy() == pytest.approx(tables["prefix"][columns].to_numpy(), abs=1e-5)
 
 
+def test_a_sharded_model_gives_the_same_numbers(model_dirs, pairs_file, tmp_path, monkeypatch):
+    """--shard loads with device_map="auto"; on this one-device machine that only checks the plumbing and that
+    indices follow the hidden states to whatever device they end on."""
+    from prefdiag import models
+
+    shards = []
+    original = models.load_model
+
+    def recording(name, **kwargs):
+        shards.append(kwargs["shard"])
+        return original(name, **kwargs)
+
+    monkeypatch.setattr(models, "load_model", recording)
+    tables = []
+    for extra in ([], ["--shard"]):
+        out = tmp_path / f"out{len(extra)}"
+        result = invoke("audit", pairs_file, "-r", model_dirs["llama"], "--device", "cpu", "-q", "--no-cache", "-o", out,
+                        *extra)
+        assert result.exit_code == 0, result.output
+        tables.append(pd.read_parquet(out / "pairs.parquet")[["ref_chosen_logp", "ref_rejected_logp"]].to_numpy())
+    assert shards == [False, True]
+    assert tables[1] == pytest.approx(tables[0], abs=1e-6)
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

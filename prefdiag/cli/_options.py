@@ -62,6 +62,14 @@ Policy = Annotated[str, typer.Option("--policy", "-p", help="DPO-trained policy:
 Beta = Annotated[float, typer.Option(help="The beta the policy was trained with (> 0).")]
 DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="Model dtype; auto is bfloat16 on a GPU, float32 on CPU.")]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run the models.")]
+Shard = Annotated[
+    bool,
+    typer.Option(
+        "--shard",
+        help="Spread each model's layers over every visible GPU (transformers' device_map='auto'), for models "
+        "larger than one GPU.",
+    ),
+]
 MaxLength = Annotated[
     Optional[int],
     typer.Option(help="Truncate prompt+response at this many tokens, keep_start, as TRL's max_length does."),

@@ -61,6 +61,7 @@ def audit(
     device: o.DeviceOpt = o.Device.auto,
     batch_tokens: o.BatchTokens = None,
     layout: o.LayoutOpt = o.Layout.prefix,
+    shard: o.Shard = False,
     tokenizer: o.Tokenizer = None,
     revision: o.Revision = None,
     trust_remote_code: o.TrustRemoteCode = False,
@@ -101,6 +102,7 @@ def audit(
     setup_logging(quiet)
     options = _options(
         beta=beta, max_length=max_length, dtype=dtype, device=device, batch_tokens=batch_tokens, layout=layout,
+        shard=shard,
         tokenizer=tokenizer, reference_revision=revision, trust_remote_code=trust_remote_code, split=split,
         prompt_column=prompt_column, chosen_column=chosen_column, rejected_column=rejected_column,
         id_column=id_column, cache=not no_cache, cache_dir=cache_dir, data_format=data_format, group_by=group_by,
@@ -122,6 +124,7 @@ def compare(
     device: o.DeviceOpt = o.Device.auto,
     batch_tokens: o.BatchTokens = None,
     layout: o.LayoutOpt = o.Layout.prefix,
+    shard: o.Shard = False,
     tokenizer: o.Tokenizer = None,
     revision: o.Revision = None,
     policy_revision: o.PolicyRevision = None,
@@ -160,6 +163,7 @@ def compare(
     setup_logging(quiet)
     options = _options(
         beta=beta, max_length=max_length, dtype=dtype, device=device, batch_tokens=batch_tokens, layout=layout,
+        shard=shard,
         tokenizer=tokenizer, reference_revision=revision, policy_revision=policy_revision,
         trust_remote_code=trust_remote_code, split=split, prompt_column=prompt_column,
         chosen_column=chosen_column, rejected_column=rejected_column, id_column=id_column,
