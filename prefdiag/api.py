@@ -268,6 +268,7 @@ class _ModelPasses:
         computed = scorer.tokens["computed"]
         record.update(
             layout=scorer.settings.layout,
+            batch_tokens=scorer.settings.batch_tokens,  # smaller than asked for after an out-of-memory
             first_batch_seconds=round(scorer.first_batch_seconds, 3),
             padding_fraction=round(1 - scorer.tokens["real"] / computed, 4) if computed else 0.0,
         )
