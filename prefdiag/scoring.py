@@ -207,6 +207,8 @@ class LogProbScorer:
         if self.settings.layout == "packed" and not flex.available():
             log.warning("this torch has no FlexAttention (torch >= 2.5): using the prefix layout")
             self.settings = dataclasses.replace(self.settings, layout="prefix")
+        elif self.settings.layout == "packed" and not flex.compiles_on(self.device.type):
+            log.info("the packed layout is meant for CUDA; on %s its attention runs unfused and slowly", self.device)
         self._fp32_out_mm = self.device.type == "cuda"
         self._checked_head = False
         self.batches_done = 0
@@ -253,7 +255,8 @@ class LogProbScorer:
                 continue
             if not self.batches_done:  # on CUDA the packed layout compiles its attention kernel here
                 self.first_batch_seconds = time.perf_counter() - started
-                log.info("first batch (%s layout) took %.2f s", self.settings.layout, self.first_batch_seconds)
+                if self.settings.layout == "packed" and flex.compiles_on(self.device.type):
+                    log.info("first batch, compiling the attention kernel included: %.1f s", self.first_batch_seconds)
             done_batches += 1
             self.batches_done += 1
             np.add.at(totals, slots, values)
@@ -297,6 +300,8 @@ class LogProbScorer:
         block = flex.BLOCK_SIZE
         longest = -(-max(lengths[k] for k in order) // block) * block
         self.pack_length = max(longest, min(self.settings.pack_tokens, self.settings.batch_tokens) // block * block)
+        if not flex.compiles_on(self.device.type):  # unfused attention costs the square of the row length
+            self.pack_length = longest
         per_batch = max(1, self.settings.batch_tokens // self.pack_length)
         bins = pack_rows(lengths, order, self.pack_length)
         batches = [bins[k : k + per_batch] for k in range(0, len(bins), per_batch)]
