@@ -26,5 +26,12 @@ class ModelError(UsageError):
     """A model or tokenizer cannot be loaded or does not fit the run (missing path, vocabulary mismatch)."""
 
 
+def first_line(exc: BaseException, *, with_type: bool = False) -> str:
+    """The first line of an exception's message (its class name when empty), for one-line error reports."""
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return f"{type(exc).__name__}: {line}" if with_type and text else line
+
+
 class RunError(PrefdiagError):
     """Something failed while running on valid input (out of memory at the smallest batch, numerical failure)."""

@@ -8,13 +8,10 @@ whole run); elsewhere it runs eagerly, which is exact but slow, and is what the 
 from __future__ import annotations
 
 import contextlib
-import logging
 import warnings
 from collections.abc import Iterator
 
 import torch
-
-log = logging.getLogger(__name__)
 
 ATTENTION_NAME = "prefdiag_flex"
 BLOCK_SIZE = 128

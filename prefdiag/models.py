@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from prefdiag.errors import ModelError
+from prefdiag.errors import ModelError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code:
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a missing tokenizer
         raise ModelError(
-            f"cannot load a tokenizer from {name!r}: {_first_line(exc)}",
+            f"cannot load a tokenizer from {name!r}: {first_line(exc)}",
             hint="pass --tokenizer with a directory or hub id that has one",
         ) from exc
     if isinstance(tokenizer, bool) or not callable(tokenizer):
@@ -140,7 +140,7 @@ def load_model(
                 raise
             model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="eager", **kwargs)
     except Exception as exc:
-        raise ModelError(f"cannot load {what} {name!r}: {_first_line(exc)}") from exc
+        raise ModelError(f"cannot load {what} {name!r}: {first_line(exc)}") from exc
     if not shard:
         model.to(device)
     model.eval()
@@ -179,7 +179,7 @@ def model_identity(
         try:
             commit = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)._commit_hash
         except Exception as exc:
-            raise ModelError(f"cannot read the config of {name!r}: {_first_line(exc)}") from exc
+            raise ModelError(f"cannot read the config of {name!r}: {first_line(exc)}") from exc
     identity = {
         "name": str(Path(name).resolve()) if Path(name).is_dir() else name,
         "revision": revision,
@@ -200,7 +200,7 @@ def attach_adapter(loaded: LoadedModel, adapter: str) -> LoadedModel:
     try:
         peft_model = PeftModel.from_pretrained(loaded.model, adapter)
     except Exception as exc:
-        raise ModelError(f"cannot load the adapter {adapter!r} onto {loaded.name!r}: {_first_line(exc)}") from exc
+        raise ModelError(f"cannot load the adapter {adapter!r} onto {loaded.name!r}: {first_line(exc)}") from exc
     peft_model.eval()
     return LoadedModel(
         model=peft_model.get_base_model(),  # the causal LM with the adapter's layers injected and enabled
@@ -239,7 +239,7 @@ def config_vocabulary_size(name: str, *, revision: str | None = None, trust_remo
     try:
         config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except Exception as exc:
-        raise ModelError(f"cannot read the config of {name!r}: {_first_line(exc)}") from exc
+        raise ModelError(f"cannot read the config of {name!r}: {first_line(exc)}") from exc
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return getattr(config, "vocab_size", None)
 
@@ -282,8 +282,3 @@ def maybe_load_tokenizer(name: str, *, revision: str | None = None, trust_remote
         return load_tokenizer(name, revision=revision, trust_remote_code=trust_remote_code)
     except ModelError:
         return None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]

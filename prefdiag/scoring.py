@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from prefdiag import flex
-from prefdiag.errors import RunError
+from prefdiag.errors import RunError, first_line
 from prefdiag.tokenization import TokenizedPairs
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,8 @@ class LogProbScorer:
             except Exception as exc:
                 if self.settings.layout != "packed" or self.batches_done:
                     raise
-                log.warning("the packed layout cannot run here (%s); using the prefix layout", _first_line(exc))
+                reason = first_line(exc, with_type=True)
+                log.warning("the packed layout cannot run here (%s); using the prefix layout", reason)
                 self.settings = dataclasses.replace(self.settings, layout="prefix")
                 batches = self._plan(rows, _longest_first(rows, batches[done_batches:]))
                 done_batches = 0
@@ -478,8 +479,3 @@ def _longest_first(rows: list[_Row], batches: list[list[list[int]]] | None = Non
     """Indices of the rows (all, or those in ``batches``), longest first, ties in index order."""
     indices = range(len(rows)) if batches is None else [k for batch in batches for b in batch for k in b]
     return sorted(indices, key=lambda k: (-len(rows[k].input_ids), k))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

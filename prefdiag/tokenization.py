@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from prefdiag.errors import DataError, ModelError
+from prefdiag.errors import DataError, ModelError, first_line
 
 
 @dataclass
@@ -75,10 +75,9 @@ def _chat_ids(tokenizer, conversations: list[list[dict]], add_generation_prompt:
             try:
                 render([conversation])
             except Exception as exc:
-                message = str(exc).strip().splitlines()
                 raise DataError(
                     f"row {row + 1}: the chat template cannot render this conversation "
-                    f"({type(exc).__name__}: {message[0] if message else ''})",
+                    f"({first_line(exc, with_type=True)})",
                     hint="check the roles and content of that row, or pass --tokenizer with another chat template",
                 ) from None
         raise

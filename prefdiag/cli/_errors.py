@@ -6,7 +6,7 @@ import os
 import sys
 import traceback
 
-from prefdiag.errors import PrefdiagError, RunError, UsageError
+from prefdiag.errors import PrefdiagError, RunError, UsageError, first_line
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_USAGE, EXIT_RUN_FAILED = 0, 1, 2, 3
 
@@ -29,10 +29,7 @@ def report_error(exc: BaseException) -> int:
     """Print a one-line error (a hint on a second line), the traceback only with PREFDIAG_DEBUG=1; return the code."""
     if os.environ.get("PREFDIAG_DEBUG") == "1":
         traceback.print_exception(exc, file=sys.stderr)
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if not isinstance(exc, PrefdiagError):
-        message = f"{type(exc).__name__}: {message}"
-    print(f"Error: {message}", file=sys.stderr)
+    print(f"Error: {first_line(exc, with_type=not isinstance(exc, PrefdiagError))}", file=sys.stderr)
     hint = getattr(exc, "hint", None)
     if hint:
         print(f"Hint: {hint}", file=sys.stderr)
