@@ -300,13 +300,14 @@ class LogProbScorer:
         lengths = [len(row.input_ids) for row in rows]
         block = flex.BLOCK_SIZE
         longest = -(-max(lengths[k] for k in order) // block) * block
-        self.pack_length = max(longest, min(self.settings.pack_tokens, self.settings.batch_tokens) // block * block)
-        if not flex.compiles_on(self.device.type):  # unfused attention costs the square of the row length
-            self.pack_length = longest
+        compiled = flex.compiles_on(self.device.type)
+        self.pack_length = longest  # unfused attention costs the square of the row length: short rows
+        if compiled:
+            self.pack_length = max(longest, min(self.settings.pack_tokens, self.settings.batch_tokens) // block * block)
         per_batch = max(1, self.settings.batch_tokens // self.pack_length)
         bins = pack_rows(lengths, order, self.pack_length)
         batches = [bins[k : k + per_batch] for k in range(0, len(bins), per_batch)]
-        if flex.compiles_on(self.device.type):  # one batch shape for the whole run: the compiled kernel is reused
+        if compiled:  # one batch shape for the whole run: the compiled kernel is reused
             batches[-1] = batches[-1] + [[] for _ in range(per_batch - len(batches[-1]))]
         return batches
 

@@ -258,3 +258,31 @@ def test_padding_stays_under_a_tenth_of_the_computed_tokens(model_dirs, pairs_fi
     scorer = LogProbScorer(model, ScoreSettings(batch_tokens=4096, layout=layout))
     scorer.score(_tokenize(tokenizer, rows))
     assert 1 - scorer.tokens["real"] / scorer.tokens["computed"] <= 0.1
+
+
+def test_packed_batches_keep_one_shape_where_the_kernel_is_compiled(model_dirs, pairs_file, monkeypatch):
+    """On CUDA every packed batch has the same shape, so the compiled kernel is never recompiled: the last batch is
+    filled up with empty rows. Checked here with the compile itself left out (the eager kernel stands in)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from prefdiag import flex
+
+    tokenizer, model = _load(model_dirs, "llama")
+    tokenized = _tokenize(tokenizer, _rows(pairs_file))
+    expected = LogProbScorer(model).score(tokenized)
+    monkeypatch.setattr(flex, "compiles_on", lambda device_type: True)
+    monkeypatch.setattr(flex, "_kernel", lambda device_type: flex_attention)
+    shapes = []
+    original = flex.attention
+
+    def recording(module, query, *args, **kwargs):
+        shapes.append(tuple(query.shape[::2]))  # (rows, row length)
+        return original(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(flex, "attention", recording)
+    scorer = LogProbScorer(model, ScoreSettings(batch_tokens=512, pack_tokens=256, layout="packed"))
+    chosen, rejected = scorer.score(tokenized)
+    assert scorer.settings.layout == "packed" and scorer.batches_done > 2
+    assert set(shapes) == {(2, 256)}  # 512 tokens a batch, rows of 256
+    np.testing.assert_allclose(chosen, expected[0], atol=1e-5)
+    np.testing.assert_allclose(rejected, expected[1], atol=1e-5)
