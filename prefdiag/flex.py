@@ -111,9 +111,11 @@ def block_masks(
                 allowed = allowed & (positions[b, q] - positions[b, kv] < window)
             return allowed
 
+        # Compiled where the kernel is: evaluated eagerly, the mask holds several [B, L, L] int64 temporaries.
         mask = create_block_mask(
-            mask_mod, batch, None, length, length, device=docs.device, BLOCK_SIZE=BLOCK_SIZE, _compile=False
-        )
+            mask_mod, batch, None, length, length, device=docs.device, BLOCK_SIZE=BLOCK_SIZE,
+            _compile=compiles_on(docs.device.type),
+        )  # fmt: skip
         mask.ndim = 4  # some models (GPT-2) look at attention_mask.ndim before handing the mask on
         return mask
 

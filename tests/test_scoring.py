@@ -262,7 +262,8 @@ def test_padding_stays_under_a_tenth_of_the_computed_tokens(model_dirs, pairs_fi
 
 def test_packed_batches_keep_one_shape_where_the_kernel_is_compiled(model_dirs, pairs_file, monkeypatch):
     """On CUDA every packed batch has the same shape, so the compiled kernel is never recompiled: the last batch is
-    filled up with empty rows. Checked here with the compile itself left out (the eager kernel stands in)."""
+    filled up with empty rows. Checked here as CUDA would run it, the block masks compiled too, except that the
+    eager attention kernel stands in for the compiled one."""
     from torch.nn.attention.flex_attention import flex_attention
 
     from prefdiag import flex
