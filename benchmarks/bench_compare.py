@@ -510,6 +510,10 @@ def print_side_by_side(result: dict[str, Any]) -> None:
         parts = [f"imports {first['imports_seconds']:.1f}"]
         parts += [f"{k} {v['seconds']:.1f}" for k, v in phases if v["seconds"] >= 0.05]
         print(f"prefdiag first run, seconds by phase: {', '.join(parts)}, other {first['other_seconds']:.1f}")
+    scoring = runs.get("prefdiag_first", {}).get("scoring", {})
+    if any(scoring.values()):  # the first batch includes compiling the kernel (packed layout on CUDA)
+        print("prefdiag first run, layout and first batch: " + "; ".join(
+            f"{model} {v['layout']}, {v['first_batch_seconds']:.2f} s" for model, v in scoring.items() if v))
 
 
 # -- precision ------------------------------------------------------------------------------------------------------
