@@ -147,7 +147,6 @@ def _score(
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Tokenize once, score under the reference (and the policy), return the log-prob columns and provenance."""
     from prefdiag import models
-    from prefdiag.tokenization import tokenize_pairs
 
     device = models.resolve_device(options.device)
     dtype = models.resolve_dtype(options.dtype, device)
@@ -165,10 +164,7 @@ def _score(
             reference, policy, tokenizer, reference_revision=options.reference_revision,
             policy_revision=options.policy_revision, trust_remote_code=options.trust_remote_code,
         )  # fmt: skip
-    table = pairs.table
-    tokenized = tokenize_pairs(
-        tokenizer, list(table["prompt"]), list(table["chosen"]), list(table["rejected"]), max_length=options.max_length
-    )
+    tokenized = _tokenize(tokenizer, pairs.table, options)
     columns = pd.DataFrame(
         {
             "prompt_tokens": tokenized.prompt_tokens,
@@ -192,6 +188,23 @@ def _score(
     columns["dropped"] = tokenized.dropped
     columns["boundary_mismatch"] = tokenized.boundary_mismatch
     return columns, provenance
+
+
+def _tokenize(tokenizer, table: pd.DataFrame, options: RunOptions):
+    """The pairs tokenized as TRL does, or the ids a previous run saved for the same tokenizer, settings and text."""
+    from prefdiag.cache import default_cache_dir, load_tokenized, save_tokenized
+    from prefdiag.tokenization import tokenization_key, tokenize_pairs
+
+    texts = (list(table["prompt"]), list(table["chosen"]), list(table["rejected"]))
+    key = tokenization_key(tokenizer, *texts, max_length=options.max_length) if options.cache else None
+    path = Path(options.cache_dir or default_cache_dir()) / "tokens" / f"{key}.npz"
+    if key is not None and (cached := load_tokenized(path)) is not None and len(cached) == len(table):
+        log.info("token ids read from the cache (%s)", path.name)
+        return cached
+    tokenized = tokenize_pairs(tokenizer, *texts, max_length=options.max_length)
+    if key is not None:
+        save_tokenized(path, tokenized)
+    return tokenized
 
 
 class _ModelPasses:

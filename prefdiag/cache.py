@@ -1,5 +1,6 @@
-"""On-disk cache of per-pair log-probs, so a second run with an unchanged model skips its pass and an interrupted
-run resumes where it stopped.
+"""On-disk caches: per-pair log-probs, so a second run with an unchanged model skips its pass and an interrupted
+run resumes where it stopped; and the token ids of a whole dataset (``<root>/tokens/<key>.npz``, keyed by
+``prefdiag.tokenization.tokenization_key``), so a rerun on the same data does not tokenize again.
 
 Layout: ``<root>/<model key>/shard-*.parquet``, each shard holding ``pair_key, chosen_logp, rejected_logp``.
 The model key hashes what decides the numbers besides the tokens: the model's identity (path or hub id, revision,
@@ -23,6 +24,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from prefdiag.tokenization import TokenizedPairs
 
 # Bump when a change to scoring changes numbers, so old caches are not reused.
 SCORING_VERSION = 2  # 2: sliding-window layers masked to their window
@@ -52,6 +55,44 @@ def pair_keys(prompt_ids: Sequence[Sequence[int]], chosen_ids, rejected_ids) -> 
             digest.update(b"|")
         keys.append(digest.hexdigest())
     return keys
+
+
+def save_tokenized(path: Path, tokenized: TokenizedPairs) -> None:
+    """Write a tokenization (ids, lengths, flags, settings) to one .npz file, atomically."""
+    arrays = {
+        "chosen_full_tokens": tokenized.chosen_full_tokens,
+        "rejected_full_tokens": tokenized.rejected_full_tokens,
+        "boundary_mismatch": tokenized.boundary_mismatch,
+        "truncated": tokenized.truncated,
+        "dropped": tokenized.dropped,
+        "settings": np.array(json.dumps(tokenized.settings, default=str)),
+    }
+    for part in ("prompt", "chosen", "rejected"):
+        ids = getattr(tokenized, f"{part}_ids")
+        arrays[f"{part}_lengths"] = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        arrays[f"{part}_ids"] = np.fromiter((t for row in ids for t in row), dtype=np.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+    os.replace(tmp, path)
+
+
+def load_tokenized(path: Path) -> TokenizedPairs | None:
+    """A tokenization saved by save_tokenized, or None if the file is missing or unreadable."""
+    try:
+        with np.load(path) as data:
+            parts = {}
+            for part in ("prompt", "chosen", "rejected"):
+                splits = np.cumsum(data[f"{part}_lengths"])[:-1]
+                parts[part] = [row.tolist() for row in np.split(data[f"{part}_ids"], splits)]
+            return TokenizedPairs(
+                parts["prompt"], parts["chosen"], parts["rejected"], data["chosen_full_tokens"],
+                data["rejected_full_tokens"], data["boundary_mismatch"], data["truncated"], data["dropped"],
+                json.loads(str(data["settings"])),
+            )  # fmt: skip
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 class LogProbCache:

@@ -230,6 +230,11 @@ class LogProbScorer:
         pairs not in ``pairs``. ``on_pairs_done(indices, chosen, rejected)`` is called as pairs finish."""
         rows = build_rows(tokenized, "prefix" if self.settings.layout == "packed" else self.settings.layout, pairs)
         totals = np.zeros(2 * len(tokenized), dtype=np.float64)
+        # Identical completions have identical log-probs by definition: make the tie exact (ties count as wrong,
+        # as in TRL), rather than a 1e-6 margin from summation order deciding which side "wins".
+        same = np.fromiter(
+            (c == r for c, r in zip(tokenized.chosen_ids, tokenized.rejected_ids)), dtype=bool, count=len(tokenized)
+        )
         rows_left = np.bincount([row.pair for row in rows], minlength=len(tokenized))
         if not self._checked_head and rows:
             self._check_head_path(rows[0])
@@ -264,17 +269,13 @@ class LogProbScorer:
             batch_pairs = np.array([rows[k].pair for b in bins for k in b])
             np.subtract.at(rows_left, batch_pairs, 1)
             done = np.unique(batch_pairs[rows_left[batch_pairs] == 0])
+            tied = done[same[done]]
+            totals[2 * tied + 1] = totals[2 * tied]  # before anything is saved: a cached tie stays a tie
             if on_pairs_done is not None and len(done):
                 on_pairs_done(done, totals[2 * done], totals[2 * done + 1])
             if progress is not None:
                 progress(len(done))
         chosen, rejected = totals[0::2].copy(), totals[1::2].copy()
-        # Identical completions have identical log-probs by definition: make the tie exact (ties count as wrong,
-        # as in TRL), rather than a 1e-6 margin from summation order deciding which side "wins".
-        same = np.fromiter(
-            (c == r for c, r in zip(tokenized.chosen_ids, tokenized.rejected_ids)), dtype=bool, count=len(tokenized)
-        )
-        rejected[same] = chosen[same]
         unscored = tokenized.dropped.copy()
         if pairs is not None:
             selected = np.zeros(len(tokenized), dtype=bool)

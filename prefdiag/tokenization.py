@@ -159,6 +159,37 @@ def tokenize_pairs(
     )
 
 
+def tokenization_key(tokenizer, prompts: Sequence[Any], chosen: Sequence[Any], rejected: Sequence[Any], *,
+                     max_length: int | None = None) -> str | None:
+    """A hash of everything that decides the token ids: the tokenizer's full definition, chat template and special
+    tokens, the settings, the library versions and every pair's text. None for a tokenizer without a serialisable
+    (fast) backend, whose ids are then never reused."""
+    import hashlib
+    import json
+
+    import tokenizers
+    import transformers
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    digest = hashlib.sha256()
+    header = {
+        "scheme": "trl-1.x",
+        "max_length": max_length,
+        "class": type(tokenizer).__name__,
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "special_tokens": getattr(tokenizer, "special_tokens_map", None),
+        "versions": [transformers.__version__, tokenizers.__version__],
+    }
+    digest.update(json.dumps(header, sort_keys=True, default=str).encode())
+    digest.update(backend.to_str().encode())
+    for row in zip(prompts, chosen, rejected):
+        digest.update(json.dumps(row, ensure_ascii=False, sort_keys=True, default=str).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:32]
+
+
 def _with_eos(text: str, eos: str | None) -> str:
     if eos and not text.endswith(eos):
         return text + eos

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from prefdiag import api, models
@@ -44,6 +45,56 @@ def test_second_run_skips_the_cached_reference(model_dirs, pairs_file, tmp_path,
     assert second.summary["provenance"]["reference"]["pairs_from_cache"] == 24
     np.testing.assert_allclose(_columns(second), _columns(first), atol=0, rtol=0)
     np.testing.assert_allclose(_columns(first), _columns(exact), atol=1e-5, rtol=0)
+
+
+@pytest.fixture
+def count_tokenizations(monkeypatch):
+    from prefdiag import tokenization
+
+    calls = []
+    original = tokenization.tokenize_pairs
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("max_length"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tokenization, "tokenize_pairs", counting)
+    return calls
+
+
+def test_a_rerun_reads_token_ids_and_log_probs_and_gives_the_same_table(
+    model_dirs, pairs_file, tmp_path, count_loads, count_tokenizations
+):
+    """Regression: the cache held identical responses' log-probs before their tie was made exact, so a rerun from
+    the cache could flip ref_prefers_rejected on a pair whose chosen and rejected are the same text."""
+    rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+    rows.append({**rows[0], "id": "same", "rejected": rows[0]["chosen"]})
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ref, pol = str(model_dirs["llama"]), str(model_dirs["llama-policy"])
+    first = api.compare(str(data), ref, pol, _options(tmp_path))
+    count_loads.clear()
+    count_tokenizations.clear()
+    second = api.compare(str(data), ref, pol, _options(tmp_path))
+    assert count_loads == [] and count_tokenizations == []  # token ids and log-probs all from the cache
+    numeric = [c for c in first.pairs.columns if first.pairs[c].dtype != object]
+    pd.testing.assert_frame_equal(second.pairs[numeric], first.pairs[numeric])
+    same = first.pairs["pair_id"] == "same"
+    assert (first.pairs.loc[same, "ref_margin"] == 0).all() and not first.pairs.loc[same, "ref_prefers_rejected"].any()
+
+
+def test_token_ids_are_not_reused_across_settings_or_from_a_damaged_file(
+    model_dirs, pairs_file, tmp_path, count_tokenizations
+):
+    ref = str(model_dirs["gpt2"])
+    api.audit(str(pairs_file), ref, _options(tmp_path))
+    api.audit(str(pairs_file), ref, _options(tmp_path, max_length=20))
+    assert count_tokenizations == [None, 20]  # another max_length: tokenized again
+    for saved in (tmp_path / "tokens").glob("*.npz"):
+        saved.write_bytes(b"not an npz")
+    again = api.audit(str(pairs_file), ref, _options(tmp_path))
+    assert count_tokenizations == [None, 20, None]  # a damaged file is ignored, and rewritten
+    assert again.summary["provenance"]["reference"]["pairs_from_cache"] == 24
 
 
 def test_no_cache_writes_nothing_and_other_settings_miss(model_dirs, pairs_file, tmp_path, count_loads):
