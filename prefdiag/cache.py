@@ -70,7 +70,7 @@ def save_tokenized(path: Path, tokenized: TokenizedPairs) -> None:
     for part in ("prompt", "chosen", "rejected"):
         ids = getattr(tokenized, f"{part}_ids")
         arrays[f"{part}_lengths"] = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        arrays[f"{part}_ids"] = np.fromiter((t for row in ids for t in row), dtype=np.int64)
+        arrays[f"{part}_ids"] = np.fromiter((t for row in ids for t in row), dtype=np.int32)  # any vocabulary fits
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "wb") as handle:
