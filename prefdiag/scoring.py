@@ -151,7 +151,9 @@ def build_rows(tokenized: TokenizedPairs, layout: str = "prefix", pairs: Sequenc
     return rows
 
 
-def next_batch(rows: list[_Row], order: list[int], start: int, batch_tokens: int, max_padding: float = 0.1) -> list[int]:
+def next_batch(
+    rows: list[_Row], order: list[int], start: int, batch_tokens: int, max_padding: float = 0.1
+) -> list[int]:
     """The rows order[start:stop] that fit the padded token budget (rows x longest row), at least one, none shorter
     than the longest by more than ``max_padding`` of it: a long outlier does not pad a batch of short rows."""
     stop = start + 1
@@ -347,7 +349,8 @@ class LogProbScorer:
             offset = length - sum(len(r.input_ids) for r in rows) if left else 0
             for row in rows:
                 at = slice(offset, offset + len(row.input_ids))
-                ids[b, at], pos[b, at], seg[b, at], docs[b, at] = row.input_ids, row.position_ids, row.segments, row.pair
+                ids[b, at], pos[b, at], seg[b, at] = row.input_ids, row.position_ids, row.segments
+                docs[b, at] = row.pair
                 flat_predict.append(row.predict_at + b * length + offset)
                 targets.append(row.targets)
                 slots.append(row.slots)
