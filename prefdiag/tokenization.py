@@ -180,6 +180,7 @@ def tokenization_key(tokenizer, prompts: Sequence[Any], chosen: Sequence[Any], r
         "class": type(tokenizer).__name__,
         "chat_template": getattr(tokenizer, "chat_template", None),
         "special_tokens": getattr(tokenizer, "special_tokens_map", None),
+        "split_special_tokens": getattr(tokenizer, "split_special_tokens", None),
         "versions": [transformers.__version__, tokenizers.__version__],
     }
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())
