@@ -164,7 +164,7 @@ def _score(
             reference, policy, tokenizer, reference_revision=options.reference_revision,
             policy_revision=options.policy_revision, trust_remote_code=options.trust_remote_code,
         )  # fmt: skip
-    tokenized = _tokenize(tokenizer, pairs.table, options)
+    tokenized = _tokenize(tokenizer, pairs.table, options, progress)
     columns = pd.DataFrame(
         {
             "prompt_tokens": tokenized.prompt_tokens,
@@ -190,7 +190,7 @@ def _score(
     return columns, provenance
 
 
-def _tokenize(tokenizer, table: pd.DataFrame, options: RunOptions):
+def _tokenize(tokenizer, table: pd.DataFrame, options: RunOptions, progress: ProgressFactory | None):
     """The pairs tokenized as TRL does, or the ids a previous run saved for the same tokenizer, settings and text."""
     from prefdiag.cache import default_cache_dir, load_tokenized, save_tokenized
     from prefdiag.tokenization import tokenization_key, tokenize_pairs
@@ -201,7 +201,8 @@ def _tokenize(tokenizer, table: pd.DataFrame, options: RunOptions):
     if key is not None and (cached := load_tokenized(path)) is not None and len(cached) == len(table):
         log.info("token ids read from the cache (%s)", path.name)
         return cached
-    tokenized = tokenize_pairs(tokenizer, *texts, max_length=options.max_length)
+    advance = progress("tokenizing", len(table)) if progress else None
+    tokenized = tokenize_pairs(tokenizer, *texts, max_length=options.max_length, progress=advance)
     if key is not None:
         save_tokenized(path, tokenized)
     return tokenized

@@ -5,7 +5,7 @@ keep_start truncation of prompt+chosen and prompt+rejected at ``max_length`` (pa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,8 +90,10 @@ def tokenize_pairs(
     rejected: Sequence[Any],
     *,
     max_length: int | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> TokenizedPairs:
-    """Tokenize pairs exactly as TRL's DPOTrainer does (see module docstring); strings and conversations mixed."""
+    """Tokenize pairs exactly as TRL's DPOTrainer does (see module docstring); strings and conversations mixed.
+    ``progress(n)`` is called as chunks of pairs are done."""
     n = len(prompts)
     conversational = [is_conversation(p) or is_conversation(c) for p, c in zip(prompts, chosen)]
     if any(conversational) and not getattr(tokenizer, "chat_template", None):
@@ -106,23 +108,26 @@ def tokenize_pairs(
     full_rejected: list[list[int]] = [[] for _ in range(n)]
 
     string_rows = [i for i in range(n) if not conversational[i]]
-    if string_rows:
-        texts_p = [prompts[i] for i in string_rows]
-        texts_c = [_with_eos(chosen[i], eos) for i in string_rows]
-        texts_r = [_with_eos(rejected[i], eos) for i in string_rows]
+    for rows in _chunks(string_rows):  # batches big enough for the tokenizer's threads, small enough to show progress
+        texts_p = [prompts[i] for i in rows]
+        texts_c = [_with_eos(chosen[i], eos) for i in rows]
+        texts_r = [_with_eos(rejected[i], eos) for i in rows]
         enc_p = tokenizer(texts_p)["input_ids"]
         enc_c = tokenizer([p + c for p, c in zip(texts_p, texts_c)])["input_ids"]
         enc_r = tokenizer([p + r for p, r in zip(texts_p, texts_r)])["input_ids"]
-        for k, i in enumerate(string_rows):
+        for k, i in enumerate(rows):
             prompt_ids[i], full_chosen[i], full_rejected[i] = list(enc_p[k]), list(enc_c[k]), list(enc_r[k])
-    chat_rows = [i for i in range(n) if conversational[i]]
-    if chat_rows:
-        chat_prompts = [list(prompts[i]) for i in chat_rows]
-        enc_p = _chat_ids(tokenizer, chat_prompts, True, chat_rows)
-        enc_c = _chat_ids(tokenizer, [p + list(chosen[i]) for p, i in zip(chat_prompts, chat_rows)], False, chat_rows)
-        enc_r = _chat_ids(tokenizer, [p + list(rejected[i]) for p, i in zip(chat_prompts, chat_rows)], False, chat_rows)
-        for k, i in enumerate(chat_rows):
+        if progress is not None:
+            progress(len(rows))
+    for rows in _chunks([i for i in range(n) if conversational[i]]):
+        chat_prompts = [list(prompts[i]) for i in rows]
+        enc_p = _chat_ids(tokenizer, chat_prompts, True, rows)
+        enc_c = _chat_ids(tokenizer, [p + list(chosen[i]) for p, i in zip(chat_prompts, rows)], False, rows)
+        enc_r = _chat_ids(tokenizer, [p + list(rejected[i]) for p, i in zip(chat_prompts, rows)], False, rows)
+        for k, i in enumerate(rows):
             prompt_ids[i], full_chosen[i], full_rejected[i] = enc_p[k], enc_c[k], enc_r[k]
+        if progress is not None:
+            progress(len(rows))
 
     shared, chosen_ids, rejected_ids = [], [], []
     chosen_full = np.zeros(n, dtype=np.int64)
@@ -189,6 +194,10 @@ def tokenization_key(tokenizer, prompts: Sequence[Any], chosen: Sequence[Any], r
         digest.update(json.dumps(row, ensure_ascii=False, sort_keys=True, default=str).encode())
         digest.update(b"\n")
     return digest.hexdigest()[:32]
+
+
+def _chunks(rows: list[int], size: int = 4096) -> list[list[int]]:
+    return [rows[k : k + size] for k in range(0, len(rows), size)]
 
 
 def _with_eos(text: str, eos: str | None) -> str:

@@ -48,9 +48,20 @@ class ProgressBars:
     def __enter__(self) -> "ProgressBars":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        if self.progress.live.is_started:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if not self.progress.live.is_started:
+            return
+        if exc_type is None:
             self.progress.stop()
+            return
+        # A failed run shows its one-line error, not half-filled bars above it: erase them, print nothing more.
+        self.progress.live.transient = True
+        console = self.progress.console
+        quiet, console.quiet = console.quiet, not console.is_terminal
+        try:
+            self.progress.stop()
+        finally:
+            console.quiet = quiet
 
     def __call__(self, description: str, total: int) -> Callable[[float], None]:
         if not self.progress.live.is_started:  # started on the first pass, so a failed load prints nothing
