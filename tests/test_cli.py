@@ -147,3 +147,21 @@ def test_module_entry_point_and_help_for_every_command():
     for command in ("audit", "compare"):
         result = runner.invoke(app, [command, "--help"])
         assert result.exit_code == 0 and "Example:" in result.stdout
+
+
+def test_progress_covers_tokenization_and_each_scoring_pass(model_dirs, pairs_file):
+    from prefdiag import api
+
+    seen: dict[str, list[float]] = {}
+
+    def progress(description, total):
+        seen[description] = [total, 0]
+
+        def advance(n):
+            seen[description][1] += n
+
+        return advance
+
+    options = api.RunOptions(device="cpu", cache=False)
+    api.compare(str(pairs_file), str(model_dirs["llama"]), str(model_dirs["llama-policy"]), options, progress)
+    assert seen == {"tokenizing": [24, 24], "scoring reference": [24, 24], "scoring policy": [24, 24]}
