@@ -204,7 +204,10 @@ def _tokenize(tokenizer, table: pd.DataFrame, options: RunOptions, progress: Pro
     advance = progress("tokenizing", len(table)) if progress else None
     tokenized = tokenize_pairs(tokenizer, *texts, max_length=options.max_length, progress=advance)
     if key is not None:
-        save_tokenized(path, tokenized)
+        try:
+            save_tokenized(path, tokenized)
+        except OSError as exc:  # a cache that cannot be written costs speed, not the run
+            log.warning("cannot save token ids to the cache: %s", exc)
     return tokenized
 
 

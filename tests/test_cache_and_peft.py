@@ -164,3 +164,13 @@ def test_lora_policy_reuses_the_reference_weights(model_dirs, pairs_file, tmp_pa
         assert result.pairs["policy_chosen_logp"][i] == pytest.approx(full_logits_logp(merged, p, c)[0], abs=1e-4)
     assert result.pairs["reward_margin"].abs().max() > 1e-3  # the adapter changed the policy
     assert result.summary["provenance"]["policy"]["adapter_base"] == ref
+
+
+def test_a_token_cache_that_cannot_be_written_costs_speed_not_the_run(model_dirs, pairs_file, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="prefdiag")
+    (tmp_path / "tokens").write_text("a file where the token cache's directory would go")
+    result = api.audit(str(pairs_file), str(model_dirs["gpt2"]), _options(tmp_path))
+    assert result.summary["n_scored"] == 24
+    assert "cannot save token ids to the cache" in caplog.text
