@@ -403,13 +403,15 @@ class LogProbScorer:
         same_or_prompt = (seg_k == _PROMPT) | ((seg_k == seg_q) & (seg_k != _PAD))
         eye = torch.eye(length, dtype=torch.bool, device=segments.device)[None]
         allowed = causal[None] & same_or_prompt
-        full = self._mask_values(allowed | eye)
-        masks = {}
+        windowed = any(w is not None for w in self.windows.values())
+        farthest = int(position_ids.max()) if windowed else 0  # distances are position differences
+        masks, built = {}, {}
         for kind, window in self.windows.items():
-            masks[kind] = full
-            if window is not None and int(position_ids.max()) >= window:  # distances are position differences
-                near = (position_ids[:, :, None] - position_ids[:, None, :]) < window
-                masks[kind] = self._mask_values((allowed & near) | eye)
+            window = window if window is not None and farthest >= window else None  # a window nothing reaches
+            if window not in built:
+                near = True if window is None else (position_ids[:, :, None] - position_ids[:, None, :]) < window
+                built[window] = self._mask_values((allowed & near) | eye)
+            masks[kind] = built[window]
         return masks[""] if "" in masks else masks
 
     def _mask_values(self, allowed: torch.Tensor) -> torch.Tensor:
