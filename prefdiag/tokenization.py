@@ -13,6 +13,8 @@ import numpy as np
 
 from prefdiag.errors import DataError, ModelError, first_line
 
+SCHEME = "trl-1.x"  # the tokenization rules followed; recorded in provenance and in the token cache key
+
 
 @dataclass
 class TokenizedPairs:
@@ -151,7 +153,7 @@ def tokenize_pairs(
         rejected_ids.append(r)
 
     settings = {
-        "scheme": "trl-1.x",
+        "scheme": SCHEME,
         "max_length": max_length,
         "truncation_mode": "keep_start",
         "eos_token": eos,
@@ -180,7 +182,7 @@ def tokenization_key(tokenizer, prompts: Sequence[Any], chosen: Sequence[Any], r
         return None
     digest = hashlib.sha256()
     header = {
-        "scheme": "trl-1.x",
+        "scheme": SCHEME,
         "max_length": max_length,
         "class": type(tokenizer).__name__,
         "chat_template": getattr(tokenizer, "chat_template", None),
