@@ -31,7 +31,7 @@ def setup_logging(quiet: bool) -> None:
 
 
 class ProgressBars:
-    """A rich progress bar per scoring pass, on stderr; a no-op when quiet."""
+    """A rich progress bar for tokenization and each scoring pass, on stderr; a no-op when quiet."""
 
     def __init__(self, quiet: bool) -> None:
         self.progress = Progress(
@@ -64,7 +64,7 @@ class ProgressBars:
             console.quiet = quiet
 
     def __call__(self, description: str, total: int) -> Callable[[float], None]:
-        if not self.progress.live.is_started:  # started on the first pass, so a failed load prints nothing
+        if not self.progress.live.is_started:  # started by the first bar: a run that fails before prints nothing
             self.progress.start()
         task = self.progress.add_task(description, total=total)
         return lambda n: self.progress.advance(task, n)
