@@ -136,7 +136,7 @@ def test_interrupted_run_resumes_where_it_stopped(model_dirs, pairs_file, tmp_pa
 @pytest.mark.parametrize("layout", ["prefix", "packed"])
 def test_lora_policy_reuses_the_reference_weights(model_dirs, pairs_file, tmp_path, count_loads, layout):
     import torch
-    from oracle import full_logits_logp
+    from oracle import full_logits_logp, logp_close
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -160,8 +160,8 @@ def test_lora_policy_reuses_the_reference_weights(model_dirs, pairs_file, tmp_pa
     fresh_base = AutoModelForCausalLM.from_pretrained(ref, dtype="float32").eval()
     for i in range(len(rows)):
         p, c = tokenized.prompt_ids[i], tokenized.chosen_ids[i]
-        assert result.pairs["ref_chosen_logp"][i] == pytest.approx(full_logits_logp(fresh_base, p, c)[0], abs=1e-4)
-        assert result.pairs["policy_chosen_logp"][i] == pytest.approx(full_logits_logp(merged, p, c)[0], abs=1e-4)
+        assert result.pairs["ref_chosen_logp"][i] == logp_close(full_logits_logp(fresh_base, p, c)[0])
+        assert result.pairs["policy_chosen_logp"][i] == logp_close(full_logits_logp(merged, p, c)[0])
     assert result.pairs["reward_margin"].abs().max() > 1e-3  # the adapter changed the policy
     assert result.summary["provenance"]["policy"]["adapter_base"] == ref
 
