@@ -31,8 +31,8 @@ def test_compare_matches_trl_evaluate(model_dirs, style, data, request, tmp_path
     logged = trainer.evaluate()
     pairs, summary = result.pairs, result.summary
     assert len(rows) % 4 == 0  # equal eval batches, so TRL's mean of batch means is the plain mean
-    assert pairs["policy_chosen_logp"].mean() == pytest.approx(logged["eval_logps/chosen"], abs=1e-4)
-    assert pairs["policy_rejected_logp"].mean() == pytest.approx(logged["eval_logps/rejected"], abs=1e-4)
+    assert pairs["policy_chosen_logp"].mean() == pytest.approx(logged["eval_logps/chosen"], rel=1e-5, abs=1e-4)
+    assert pairs["policy_rejected_logp"].mean() == pytest.approx(logged["eval_logps/rejected"], rel=1e-5, abs=1e-4)
     assert summary["mean_reward_chosen"] == pytest.approx(logged["eval_rewards/chosen"], abs=1e-5)
     assert summary["mean_reward_rejected"] == pytest.approx(logged["eval_rewards/rejected"], abs=1e-5)
     assert summary["mean_reward_margin"] == pytest.approx(logged["eval_rewards/margins"], abs=1e-5)
