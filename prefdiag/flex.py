@@ -91,12 +91,22 @@ def attention_switched_on(model: torch.nn.Module) -> Iterator[None]:
         model.set_attn_implementation(before)
 
 
+def visible(doc_q, doc_k, seg_q, seg_k, q, k, pos_q, pos_k, window: int | None, chosen: int, rejected: int):
+    """The one visibility rule of every layout: a query sees keys of its own pair (``doc`` < 0 is padding),
+    causally, never the other response, and only the last ``window`` positions where its layer has a window.
+    Elementwise on tensors that broadcast, so it builds dense masks and FlexAttention ``mask_mod``s alike."""
+    allowed = (doc_q == doc_k) & (doc_q >= 0) & (k <= q)
+    allowed = allowed & ~((seg_q == rejected) & (seg_k == chosen))
+    if window is not None:
+        allowed = allowed & (pos_q - pos_k < window)
+    return allowed
+
+
 def block_masks(
     docs: torch.Tensor, segments: torch.Tensor, positions: torch.Tensor, windows: dict[str, int | None],
     chosen: int, rejected: int,
 ):
-    """BlockMask(s) for packed rows: a query sees keys of its own pair, causally, never the other response, and
-    only the last ``window`` positions where its layer has a window. ``docs`` numbers the pairs in a row, -1 on
+    """BlockMask(s) for packed rows under the rule of ``visible``. ``docs`` numbers the pairs in a row, -1 on
     padding; ``segments`` marks the chosen and rejected tokens. One mask per layer type, or one under the key ``""``."""
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -104,12 +114,8 @@ def block_masks(
 
     def mask_for(window: int | None):
         def mask_mod(b, h, q, kv):
-            doc_q = docs[b, q]
-            allowed = (doc_q == docs[b, kv]) & (doc_q >= 0) & (kv <= q)
-            allowed = allowed & ~((segments[b, q] == rejected) & (segments[b, kv] == chosen))
-            if window is not None:
-                allowed = allowed & (positions[b, q] - positions[b, kv] < window)
-            return allowed
+            return visible(docs[b, q], docs[b, kv], segments[b, q], segments[b, kv], q, kv, positions[b, q],
+                           positions[b, kv], window, chosen, rejected)  # fmt: skip
 
         # Compiled where the kernel is: evaluated eagerly, the mask holds several [B, L, L] int64 temporaries.
         mask = create_block_mask(

@@ -363,13 +363,13 @@ class LogProbScorer:
         attention = contextlib.nullcontext()
         if self.windows is None:  # the model masks itself, as in TRL: right padding and a 2D padding mask
             mask, position_ids = torch.from_numpy(seg != _PAD).to(device=device, dtype=torch.long), None
-        elif packed:
-            segments = torch.from_numpy(seg).to(device)
-            docs_t = torch.from_numpy(docs).to(device)
-            mask = flex.block_masks(docs_t, segments, position_ids, self.windows, _CHOSEN, _REJECTED)
-            attention = flex.attention_switched_on(self.model)
         else:
-            mask = self._attention_masks(torch.from_numpy(seg).to(device), position_ids)
+            segments, docs_t = torch.from_numpy(seg).to(device), torch.from_numpy(docs).to(device)
+            if packed:
+                mask = flex.block_masks(docs_t, segments, position_ids, self.windows, _CHOSEN, _REJECTED)
+                attention = flex.attention_switched_on(self.model)
+            else:
+                mask = self._attention_masks(docs_t, segments, position_ids)
         positions = {} if position_ids is None else {"position_ids": position_ids}
         flat_predict_t = torch.from_numpy(np.concatenate(flat_predict)).to(device)
         targets_t = torch.from_numpy(np.concatenate(targets)).to(device)
@@ -390,27 +390,24 @@ class LogProbScorer:
         return token_logps.double().cpu().numpy(), np.concatenate(slots)
 
     def _attention_masks(
-        self, segments: torch.Tensor, position_ids: torch.Tensor
+        self, docs: torch.Tensor, segments: torch.Tensor, position_ids: torch.Tensor
     ) -> torch.Tensor | dict[str, torch.Tensor]:
-        """[B,1,L,L] mask: causal, a response never attends to the other response, nothing attends to padding
-        (a padding query sees only itself, so no softmax row is empty), and a sliding-window layer sees only the
-        last ``window`` positions. One mask per layer type where the model has several."""
+        """Dense [B,1,L,L] masks under ``flex.visible``, plus the diagonal, so that a padding query sees itself and
+        no softmax row is empty. One mask per layer type where the model has several."""
         length = segments.shape[1]
         idx = torch.arange(length, device=segments.device)
-        causal = idx[None, :] <= idx[:, None]  # [q, k]
-        seg_q = segments[:, :, None]
-        seg_k = segments[:, None, :]
-        same_or_prompt = (seg_k == _PROMPT) | ((seg_k == seg_q) & (seg_k != _PAD))
         eye = torch.eye(length, dtype=torch.bool, device=segments.device)[None]
-        allowed = causal[None] & same_or_prompt
         windowed = any(w is not None for w in self.windows.values())
         farthest = int(position_ids.max()) if windowed else 0  # distances are position differences
         masks, built = {}, {}
         for kind, window in self.windows.items():
             window = window if window is not None and farthest >= window else None  # a window nothing reaches
             if window not in built:
-                near = True if window is None else (position_ids[:, :, None] - position_ids[:, None, :]) < window
-                built[window] = self._mask_values((allowed & near) | eye)
+                allowed = flex.visible(
+                    docs[:, :, None], docs[:, None, :], segments[:, :, None], segments[:, None, :], idx[:, None],
+                    idx[None, :], position_ids[:, :, None], position_ids[:, None, :], window, _CHOSEN, _REJECTED,
+                )  # fmt: skip
+                built[window] = self._mask_values(allowed | eye)
             masks[kind] = built[window]
         return masks[""] if "" in masks else masks
 
