@@ -247,18 +247,9 @@ class LogProbScorer:
             started = time.perf_counter()
             try:
                 values, slots = self._forward([[rows[k] for k in b] for b in bins])
-            except torch.OutOfMemoryError:
-                self._shrink_after_oom(sum(map(len, bins)), max(sum(len(rows[k].input_ids) for k in b) for b in bins))
-                batches = self._plan(rows, _longest_first(rows, batches[done_batches:]))
-                done_batches = 0
-                continue
             except Exception as exc:
-                if self.settings.layout != "packed" or self.batches_done:
-                    raise
-                reason = first_line(exc, with_type=True)
-                log.warning("the packed layout cannot run here (%s); using the prefix layout", reason)
-                self.settings = dataclasses.replace(self.settings, layout="prefix")
-                batches = self._plan(rows, _longest_first(rows, batches[done_batches:]))
+                self._recover(exc, sum(map(len, bins)), max(sum(len(rows[k].input_ids) for k in b) for b in bins))
+                batches = self._plan(rows, _longest_first(rows, batches[done_batches:]))  # the rest, re-planned
                 done_batches = 0
                 continue
             if not self.batches_done:  # on CUDA the packed layout compiles its attention kernel here
@@ -313,6 +304,18 @@ class LogProbScorer:
         if compiled:  # one batch shape for the whole run: the compiled kernel is reused
             batches[-1] = batches[-1] + [[] for _ in range(per_batch - len(batches[-1]))]
         return batches
+
+    def _recover(self, exc: Exception, batch_rows: int, row_length: int) -> None:
+        """Change the settings so that the failed batch can be retried, or re-raise: an out-of-memory halves the
+        budget; a packed layout that fails on its first batch gives way to the prefix layout."""
+        if isinstance(exc, torch.OutOfMemoryError):
+            self._shrink_after_oom(batch_rows, row_length)
+        elif self.settings.layout == "packed" and not self.batches_done:
+            reason = first_line(exc, with_type=True)
+            log.warning("the packed layout cannot run here (%s); using the prefix layout", reason)
+            self.settings = dataclasses.replace(self.settings, layout="prefix")
+        else:
+            raise exc
 
     def _shrink_after_oom(self, batch_rows: int, row_length: int) -> None:
         """Halve the token budget after an out-of-memory batch of ``batch_rows`` pair rows (the batch is retried, no
