@@ -27,9 +27,12 @@ class ModelError(UsageError):
 
 
 def first_line(exc: BaseException, *, with_type: bool = False) -> str:
-    """The first line of an exception's message (its class name when empty), for one-line error reports."""
-    text = str(exc).strip().splitlines()
+    """The first line of an exception's message (its class name when empty), for one-line error reports. A line
+    that only announces what follows (``backend='inductor' raised:``) takes the next line with it."""
+    text = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     line = text[0] if text else type(exc).__name__
+    if line.endswith(":") and len(text) > 1:
+        line = f"{line} {text[1]}"
     return f"{type(exc).__name__}: {line}" if with_type and text else line
 
 

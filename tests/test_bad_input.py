@@ -214,3 +214,14 @@ def test_an_existing_output_directory_keeps_its_files_on_error(tmp_path):
     result = run_cli(["audit", tmp_path / "absent.jsonl"], out)
     assert result.exit_code == 2
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_one_line_reasons_keep_what_a_colon_announces():
+    from prefdiag.errors import first_line
+
+    announced = RuntimeError("backend='inductor' raised:\nCppCompileError: C++ compile error\n\nSet TORCH_LOGS=+dynamo")
+    assert first_line(announced, with_type=True) == (
+        "RuntimeError: backend='inductor' raised: CppCompileError: C++ compile error"
+    )
+    assert first_line(ValueError("bad value\nmore detail")) == "bad value"
+    assert first_line(KeyError()) == "KeyError"
