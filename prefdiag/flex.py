@@ -95,8 +95,7 @@ def visible(doc_q, doc_k, seg_q, seg_k, q, k, pos_q, pos_k, window: int | None, 
     """The one visibility rule of every layout: a query sees keys of its own pair (``doc`` < 0 is padding),
     causally, never the other response, and only the last ``window`` positions where its layer has a window.
     Elementwise on tensors that broadcast, so it builds dense masks and FlexAttention ``mask_mod``s alike."""
-    allowed = (doc_q == doc_k) & (doc_q >= 0) & (k <= q)
-    allowed = allowed & ~((seg_q == rejected) & (seg_k == chosen))
+    allowed = (doc_q == doc_k) & (doc_q >= 0) & (k <= q) & ((seg_q != rejected) | (seg_k != chosen))
     if window is not None:
         allowed = allowed & (pos_q - pos_k < window)
     return allowed
