@@ -360,13 +360,14 @@ class LogProbScorer:
                 offset = at.stop
         device = self.device
         input_ids = torch.from_numpy(ids).to(device)
-        position_ids = torch.from_numpy(pos).to(device)
         self.tokens["real"] += int((seg != _PAD).sum())
         self.tokens["computed"] += batch * length
         attention = contextlib.nullcontext()
+        position_ids = None
         if self.windows is None:  # the model masks itself, as in TRL: right padding and a 2D padding mask
-            mask, position_ids = torch.from_numpy(seg != _PAD).to(device=device, dtype=torch.long), None
+            mask = torch.from_numpy(seg != _PAD).to(device=device, dtype=torch.long)
         else:
+            position_ids = torch.from_numpy(pos).to(device)
             segments, docs_t = torch.from_numpy(seg).to(device), torch.from_numpy(docs).to(device)
             if packed:
                 mask = flex.block_masks(docs_t, segments, position_ids, self.windows, _CHOSEN, _REJECTED)
