@@ -197,13 +197,13 @@ def _tokenize(tokenizer, table: pd.DataFrame, options: RunOptions, progress: Pro
 
     texts = (list(table["prompt"]), list(table["chosen"]), list(table["rejected"]))
     key = tokenization_key(tokenizer, *texts, max_length=options.max_length) if options.cache else None
-    path = Path(options.cache_dir or default_cache_dir()) / "tokens" / f"{key}.npz"
-    if key is not None and (cached := load_tokenized(path)) is not None and len(cached) == len(table):
+    path = None if key is None else Path(options.cache_dir or default_cache_dir()) / "tokens" / f"{key}.npz"
+    if path is not None and (cached := load_tokenized(path)) is not None and len(cached) == len(table):
         log.info("token ids read from the cache (%s)", path.name)
         return cached
     advance = progress("tokenizing", len(table)) if progress else None
     tokenized = tokenize_pairs(tokenizer, *texts, max_length=options.max_length, progress=advance)
-    if key is not None:
+    if path is not None:
         try:
             save_tokenized(path, tokenized)
         except OSError as exc:  # a cache that cannot be written costs speed, not the run
