@@ -272,7 +272,7 @@ class _ModelPasses:
         )
         advance = self.progress(f"scoring {label}", len(todo)) if self.progress else None
 
-        def save(done, done_chosen, done_rejected) -> None:
+        def save(done, done_chosen, done_rejected, extras) -> None:
             if cache is not None:
                 cache.add([self.keys[i] for i in done], done_chosen, done_rejected)
 

@@ -217,6 +217,7 @@ class LogProbScorer:
         self.first_batch_seconds = 0.0
         self.tokens = {"real": 0, "computed": 0}  # model inputs: real tokens, and real plus padding
         self.pack_length = 0
+        self.extras: dict[str, np.ndarray] = {}  # further per-pair float64 columns (NaN where unscored)
 
     # -- public -------------------------------------------------------------------------------------------------
 
@@ -226,10 +227,12 @@ class LogProbScorer:
         tokenized: TokenizedPairs,
         progress: Callable[[int], None] | None = None,
         pairs: Sequence[int] | None = None,
-        on_pairs_done: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None,
+        on_pairs_done: Callable[[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]], None] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Return (chosen_logp, rejected_logp) per pair as float64 arrays; NaN for pairs TRL would drop and for
-        pairs not in ``pairs``. ``on_pairs_done(indices, chosen, rejected)`` is called as pairs finish."""
+        pairs not in ``pairs``. ``on_pairs_done(indices, chosen, rejected, extras)`` is called as pairs finish;
+        ``extras`` maps the name of each further per-pair column the engine computed to its values for ``indices``
+        (empty when there is none); after the run, ``self.extras`` holds those columns for every pair."""
         rows = build_rows(tokenized, "prefix" if self.settings.layout == "packed" else self.settings.layout, pairs)
         totals = np.zeros(2 * len(tokenized), dtype=np.float64)
         # Identical completions have identical log-probs by definition: make the tie exact (ties count as wrong,
@@ -265,7 +268,7 @@ class LogProbScorer:
             tied = done[same[done]]
             totals[2 * tied + 1] = totals[2 * tied]  # before anything is saved: a cached tie stays a tie
             if on_pairs_done is not None and len(done):
-                on_pairs_done(done, totals[2 * done], totals[2 * done + 1])
+                on_pairs_done(done, totals[2 * done], totals[2 * done + 1], {k: v[done] for k, v in self.extras.items()})
             if progress is not None:
                 progress(len(done))
         chosen, rejected = totals[0::2].copy(), totals[1::2].copy()
