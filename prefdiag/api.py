@@ -1,5 +1,11 @@
 """Library entry points: ``audit`` (a dataset against a reference) and ``compare`` (reference vs DPO policy).
-Each loads data and models, tokenizes as TRL does, scores, and returns the per-pair table with its summary.
+Each loads the data, tokenizes as TRL does, scores every model through the on-disk cache, and returns a
+:class:`RunResult` (the per-pair table and its summary) that can be gated and written without the CLI.
+
+A model is a directory or hub id, or a model object already in memory (a ``PreTrainedModel`` or a ``PeftModel``),
+scored in place. A PEFT policy's reference can be the same model with its adapter disabled: pass
+``reference=AdapterDisabled(policy)`` (or ``reference=None``). The tokenizer is a name or an object; by default the
+reference's (for an in-memory model, the directory it was loaded from).
 """
 
 from __future__ import annotations
@@ -8,7 +14,6 @@ import datetime as _dt
 import logging
 import platform
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,113 +21,96 @@ import pandas as pd
 
 from prefdiag import __version__
 from prefdiag import checks
-from prefdiag.data import DATA_FORMATS, ColumnMap, PairData, load_pairs, with_python_objects
+from prefdiag.data import PairData, load_pairs, with_python_objects
 from prefdiag.diagnostics import SCHEMA_VERSION, add_pair_metrics, summarize, summarize_groups, verdict
-from prefdiag.errors import UsageError
+from prefdiag.errors import ModelError, UsageError
+from prefdiag.options import RunOptions, default_batch_tokens
+from prefdiag.phases import phase
+from prefdiag.result import RunResult
+
+__all__ = ["AdapterDisabled", "RunOptions", "RunResult", "audit", "compare"]
 
 log = logging.getLogger(__name__)
 
 # progress(kind, total) returns an advance(n) callback; the CLI plugs a rich progress bar in here.
 ProgressFactory = Callable[[str, int], Callable[[float], None]]
+Model = Any  # a directory or hub id (str), a PreTrainedModel / PeftModel object, or an AdapterDisabled wrapper
 
 
-@dataclass
-class RunOptions:
-    """Everything about a run that is not the data or the model names."""
+def __getattr__(name: str):  # AdapterDisabled lives with the torch-side sources; import it only when asked for
+    if name == "AdapterDisabled":
+        from prefdiag.sources import AdapterDisabled
 
-    beta: float = 0.1
-    dtype: str = "auto"
-    device: str = "auto"
-    max_length: int | None = None
-    batch_tokens: int | None = None  # None: a default per device
-    shard: bool = False  # spread each model over every visible GPU (device_map="auto"), for models larger than one
-    layout: str = "prefix"  # prefix | packed | separate (see prefdiag.scoring); never changes the numbers
-    tokenizer: str | None = None
-    reference_revision: str | None = None
-    policy_revision: str | None = None
-    trust_remote_code: bool = False
-    split: str | None = None
-    columns: ColumnMap = field(default_factory=ColumnMap)
-    cache: bool = True  # reuse and save per-pair log-probs on disk (see prefdiag.cache)
-    cache_dir: str | None = None
-    data_format: str = "auto"  # auto | standard | conversational | hh (see prefdiag.data)
-    group_by: str | None = None  # a data column: summary["groups"] holds the metrics per value
-
-    def validate(self) -> None:
-        if self.data_format not in DATA_FORMATS:
-            raise UsageError(f"--data-format must be one of {', '.join(DATA_FORMATS)}, got {self.data_format!r}")
-        if not self.beta > 0:
-            raise UsageError(f"--beta must be > 0, got {self.beta}")
-        if self.max_length is not None and self.max_length < 2:
-            raise UsageError(f"--max-length must be at least 2, got {self.max_length}")
-        if self.batch_tokens is not None and self.batch_tokens < 1:
-            raise UsageError(f"--batch-tokens must be positive, got {self.batch_tokens}")
-        if self.layout != RunOptions.layout:
-            from prefdiag.scoring import LAYOUTS  # imports torch: only when a layout was asked for
-
-            if self.layout not in LAYOUTS:
-                raise UsageError(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
-
-
-@dataclass
-class RunResult:
-    """The per-pair table (one row per input pair, input order) and the summary written to summary.json."""
-
-    pairs: pd.DataFrame
-    summary: dict[str, Any]
+        return AdapterDisabled
+    raise AttributeError(name)
 
 
 def audit(
     data: str | PairData,
-    reference: str | None = None,
+    reference: Model | None = None,
     options: RunOptions | None = None,
     progress: ProgressFactory | None = None,
+    *,
+    tokenizer: Any = None,
 ) -> RunResult:
     """Score a preference dataset under a reference model (model-free checks only when reference is None)."""
-    return _run("audit", data, reference, None, options or RunOptions(), progress)
+    return _run("audit", data, reference, None, options or RunOptions(), progress, tokenizer)
 
 
 def compare(
     data: str | PairData,
-    reference: str,
-    policy: str,
+    reference: Model | None,
+    policy: Model,
     options: RunOptions | None = None,
     progress: ProgressFactory | None = None,
+    *,
+    tokenizer: Any = None,
 ) -> RunResult:
-    """Score a preference dataset under a reference model and a DPO-trained policy."""
-    return _run("compare", data, reference, policy, options or RunOptions(), progress)
+    """Score a preference dataset under a reference model and a DPO-trained policy. ``reference`` None (or
+    ``AdapterDisabled(policy)``) with a PEFT policy object: the reference is the policy with its adapter disabled."""
+    if reference is None:
+        from prefdiag.sources import AdapterDisabled, is_peft_model
+
+        if not is_peft_model(policy):
+            raise UsageError("compare needs a reference (None is only for a PEFT policy: its adapter disabled)")
+        reference = AdapterDisabled(policy)
+    return _run("compare", data, reference, policy, options or RunOptions(), progress, tokenizer)
 
 
 def _run(
     command: str,
     data: str | PairData,
-    reference: str | None,
-    policy: str | None,
+    reference: Model | None,
+    policy: Model | None,
     options: RunOptions,
     progress: ProgressFactory | None,
+    tokenizer: Any,
 ) -> RunResult:
     options.validate()
-    pairs = data if isinstance(data, PairData) else load_pairs(
-        data, split=options.split, columns=options.columns, data_format=options.data_format
-    )
+    with phase("load_data"):
+        pairs = data if isinstance(data, PairData) else load_pairs(
+            data, split=options.split, columns=options.columns, data_format=options.data_format
+        )
     _check_group_column(pairs.table, options.group_by)
-    features = checks.text_features(pairs.table)  # model-free checks: before any model is loaded
+    with phase("model_free_checks"):
+        features = checks.text_features(pairs.table)  # model-free checks: before any model is loaded
     table = pairs.table[["pair_id"]].copy()
     provenance: dict[str, Any] = {"dataset": pairs.provenance()}
     tokens = None
     if reference is not None:
-        scores, model_provenance = _score(pairs, reference, policy, options, progress)
+        scores, model_provenance = _score(pairs, reference, policy, options, progress, tokenizer)
         table = pd.concat([table, scores], axis=1)
         provenance.update(model_provenance)
         tokens = (scores["chosen_tokens"].to_numpy(), scores["rejected_tokens"].to_numpy())
-    table = pd.concat([table, checks.run_checks(pairs.table, features, tokens)], axis=1)
-    extras = pairs.table.drop(columns=["pair_id"])
-    table = pd.concat([table, extras], axis=1)
-    table = add_pair_metrics(table, options.beta)
-    summary = summarize(table, options.beta)
-    summary["verdict"] = verdict(summary)
-    if options.group_by is not None:
-        summary["groups"] = summarize_groups(table, options.group_by, options.beta)
+    with phase("diagnostics"):
+        table = pd.concat([table, checks.run_checks(pairs.table, features, tokens)], axis=1)
+        extras = pairs.table.drop(columns=["pair_id"])
+        table = pd.concat([table, extras], axis=1)
+        table = add_pair_metrics(table, options.beta)
+        summary = summarize(table, options.beta)
+        summary["verdict"] = verdict(summary)
+        if options.group_by is not None:
+            summary["groups"] = summarize_groups(table, options.group_by, options.beta)
     summary = {
         "schema_version": SCHEMA_VERSION,
         "command": command,
@@ -132,7 +120,7 @@ def _run(
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "python": platform.python_version(),
             **provenance,
-            "options": _options_record(options),
+            "options": options.record(),
         },
     }
     return RunResult(with_python_objects(_order_columns(table)), summary)
@@ -140,30 +128,25 @@ def _run(
 
 def _score(
     pairs: PairData,
-    reference: str,
-    policy: str | None,
+    reference: Model,
+    policy: Model | None,
     options: RunOptions,
     progress: ProgressFactory | None,
+    tokenizer: Any,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Tokenize once, score under the reference (and the policy), return the log-prob columns and provenance."""
     from prefdiag import models
+    from prefdiag.sources import LoadedModels
 
     device = models.resolve_device(options.device)
     dtype = models.resolve_dtype(options.dtype, device)
-    models.check_model_path(reference, "reference")
-    adapter = policy if policy is not None and models.is_adapter(policy) else None
-    if policy is not None and adapter is None:
-        models.check_model_path(policy, "policy")
-    tokenizer = models.load_tokenizer(
-        options.tokenizer or reference,
-        revision=None if options.tokenizer else options.reference_revision,
-        trust_remote_code=options.trust_remote_code,
-    )
-    if policy is not None and adapter is None:
-        models.check_same_vocabulary(
-            reference, policy, tokenizer, reference_revision=options.reference_revision,
-            policy_revision=options.policy_revision, trust_remote_code=options.trust_remote_code,
-        )  # fmt: skip
+    loaded = LoadedModels(options, device, dtype)
+    sources = {"reference": _source("reference", reference, None, options, loaded)}
+    if policy is not None:
+        sources["policy"] = _source("policy", policy, reference, options, loaded)
+    with phase("load_tokenizer"):
+        tokenizer = _tokenizer(tokenizer, reference, options)
+        _check_vocabularies(sources, tokenizer, options)
     tokenized = _tokenize(tokenizer, pairs.table, options, progress)
     columns = pd.DataFrame(
         {
@@ -172,22 +155,91 @@ def _score(
             "rejected_tokens": tokenized.rejected_tokens,
         }
     )
-    scorer = _ModelPasses(tokenized, options, device, dtype, progress)
-    provenance: dict[str, Any] = {"tokenization": tokenized.settings, "device": str(device)}
-    provenance["reference"] = scorer.run("reference", reference, options.reference_revision)
-    if policy is not None:
-        if adapter is not None:
-            provenance["policy"] = scorer.run("policy", reference, options.reference_revision, adapter=adapter)
-        else:
-            provenance["policy"] = scorer.run("policy", policy, options.policy_revision)
-    scorer.release()
-    columns["ref_chosen_logp"], columns["ref_rejected_logp"] = scorer.results["reference"]
-    if policy is not None:
-        columns["policy_chosen_logp"], columns["policy_rejected_logp"] = scorer.results["policy"]
+    first = next(iter(sources.values()))
+    provenance: dict[str, Any] = {"tokenization": tokenized.settings, "device": str(first.device)}
+    passes = _ModelPasses(tokenized, options, progress)
+    try:
+        for label, source in sources.items():
+            scores, provenance[label] = passes.run(label, source)
+            columns[f"{_PREFIX[label]}_chosen_logp"], columns[f"{_PREFIX[label]}_rejected_logp"] = scores
+    finally:
+        loaded.release()
     columns["truncated"] = tokenized.truncated
     columns["dropped"] = tokenized.dropped
     columns["boundary_mismatch"] = tokenized.boundary_mismatch
     return columns, provenance
+
+
+_PREFIX = {"reference": "ref", "policy": "policy"}
+
+
+def _source(label: str, model: Model, reference: Model | None, options: RunOptions, loaded):
+    """What to score for ``model``: an object in memory, a LoRA adapter directory on the reference's weights, or a
+    directory / hub id (checked to exist before anything loads)."""
+    from prefdiag import models
+    from prefdiag.sources import AdapterDisabled, InMemoryModel, PathModel, is_in_memory
+
+    if isinstance(model, AdapterDisabled):
+        return InMemoryModel(label, model.model, adapter_disabled=True, hash_weights=options.hash_weights)
+    if is_in_memory(model):
+        return InMemoryModel(label, model, hash_weights=options.hash_weights)
+    if not isinstance(model, (str, Path)):
+        raise UsageError(f"{label}: expected a directory, a hub id or a model object, got {type(model).__name__}")
+    name = str(model)
+    if label == "policy" and isinstance(reference, (str, Path)) and models.is_adapter(name):
+        return PathModel(label, str(reference), options.reference_revision, loaded, adapter=name)
+    models.check_model_path(name, label)
+    revision = options.reference_revision if label == "reference" else options.policy_revision
+    return PathModel(label, name, revision, loaded)
+
+
+def _tokenizer(tokenizer: Any, reference: Model, options: RunOptions):
+    """The tokenizer object given, else the one named (tokenizer=, options.tokenizer), else the reference's."""
+    from prefdiag import models
+    from prefdiag.sources import AdapterDisabled, is_in_memory
+
+    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
+        return tokenizer
+    name = tokenizer or options.tokenizer
+    revision = None
+    if name is None and not is_in_memory(reference):
+        name, revision = str(reference), options.reference_revision
+    elif name is None:
+        model = reference.model if isinstance(reference, AdapterDisabled) else reference
+        name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+        if not name or not Path(name).is_dir():
+            raise ModelError(
+                "an in-memory reference needs a tokenizer", hint="pass tokenizer= (a tokenizer object or a name)"
+            )
+    return models.load_tokenizer(str(name), revision=revision, trust_remote_code=options.trust_remote_code)
+
+
+def _check_vocabularies(sources: dict[str, Any], tokenizer, options: RunOptions) -> None:
+    """Refuse a policy whose vocabulary differs from the reference's (checked from configs when both are paths,
+    from the embeddings when in memory), before any model is loaded."""
+    from prefdiag import models
+    from prefdiag.sources import InMemoryModel
+
+    reference, policy = sources["reference"], sources.get("policy")
+    if policy is None or getattr(policy, "adapter", None) is not None:
+        return
+    if not isinstance(reference, InMemoryModel) and not isinstance(policy, InMemoryModel):
+        models.check_same_vocabulary(
+            reference.name, policy.name, tokenizer, reference_revision=options.reference_revision,
+            policy_revision=options.policy_revision, trust_remote_code=options.trust_remote_code,
+        )  # fmt: skip
+        return
+    sizes = {}
+    for label, source in (("reference", reference), ("policy", policy)):
+        if isinstance(source, InMemoryModel):
+            sizes[label] = models.vocabulary_size(source.causal_lm)
+        else:
+            sizes[label] = models.config_vocabulary_size(source.name, trust_remote_code=options.trust_remote_code)
+    if None not in sizes.values() and sizes["reference"] != sizes["policy"]:
+        raise ModelError(
+            f"the policy has a vocabulary of {sizes['policy']} tokens but the reference has {sizes['reference']}: "
+            "log-probs are not comparable"
+        )
 
 
 def _tokenize(tokenizer, table: pd.DataFrame, options: RunOptions, progress: ProgressFactory | None):
@@ -195,113 +247,73 @@ def _tokenize(tokenizer, table: pd.DataFrame, options: RunOptions, progress: Pro
     from prefdiag.cache import default_cache_dir, load_tokenized, save_tokenized
     from prefdiag.tokenization import tokenization_key, tokenize_pairs
 
-    texts = (list(table["prompt"]), list(table["chosen"]), list(table["rejected"]))
-    key = tokenization_key(tokenizer, *texts, max_length=options.max_length) if options.cache else None
+    with phase("tokenize"):
+        texts = (list(table["prompt"]), list(table["chosen"]), list(table["rejected"]))
+        key = tokenization_key(tokenizer, *texts, max_length=options.max_length) if options.cache else None
     path = None if key is None else Path(options.cache_dir or default_cache_dir()) / "tokens" / f"{key}.npz"
-    if path is not None and (cached := load_tokenized(path)) is not None and len(cached) == len(table):
-        log.info("token ids read from the cache (%s)", path.name)
-        return cached
+    if path is not None:
+        with phase("cache_io"):
+            cached = load_tokenized(path)
+        if cached is not None and len(cached) == len(table):
+            log.info("token ids read from the cache (%s)", path.name)
+            return cached
     advance = progress("tokenizing", len(table)) if progress else None
-    tokenized = tokenize_pairs(tokenizer, *texts, max_length=options.max_length, progress=advance)
+    with phase("tokenize"):
+        tokenized = tokenize_pairs(tokenizer, *texts, max_length=options.max_length, progress=advance)
     if path is not None:
         try:
-            save_tokenized(path, tokenized)
+            with phase("cache_io"):
+                save_tokenized(path, tokenized)
         except OSError as exc:  # a cache that cannot be written costs speed, not the run
             log.warning("cannot save token ids to the cache: %s", exc)
     return tokenized
 
 
 class _ModelPasses:
-    """One scoring pass per model, through the on-disk cache: cached pairs are not scored again, finished batches
-    are saved as they complete (so an interrupted run resumes), and a fully cached model is never loaded. A LoRA
-    policy reuses the reference's weights already in memory, with the adapter attached."""
+    """One scoring pass per model, read top to bottom: the model's cache identity, the engine on the model
+    (loaded only if some pair is not cached), the cache around it, the scores and the pass's report record."""
 
-    def __init__(self, tokenized, options: RunOptions, device, dtype, progress: ProgressFactory | None) -> None:
+    def __init__(self, tokenized, options: RunOptions, progress: ProgressFactory | None) -> None:
         from prefdiag.cache import pair_keys
 
-        self.tokenized, self.options, self.device, self.dtype, self.progress = (
-            tokenized, options, device, dtype, progress
-        )  # fmt: skip
-        self.keys = pair_keys(tokenized.prompt_ids, tokenized.chosen_ids, tokenized.rejected_ids)
-        self.results: dict[str, tuple[Any, Any]] = {}
-        self.loaded = None  # the model in memory, kept for a LoRA policy on the same base
+        self.tokenized, self.options, self.progress = tokenized, options, progress
+        with phase("cache_io"):
+            self.keys = pair_keys(tokenized.prompt_ids, tokenized.chosen_ids, tokenized.rejected_ids)
 
-    def run(self, label: str, name: str, revision: str | None, adapter: str | None = None) -> dict[str, Any]:
-        import numpy as np
-
-        from prefdiag import models
+    def run(self, label: str, source) -> tuple[tuple[Any, Any], dict[str, Any]]:
+        """Score every pair under ``source``; returns (chosen, rejected) and the provenance record."""
         from prefdiag.cache import LogProbCache, default_cache_dir, model_key
-        from prefdiag.scoring import LogProbScorer, ScoreSettings
+        from prefdiag.scorers import CachedScorer, ModelScorer
+        from prefdiag.scoring import ScoreSettings
 
-        options, tokenized = self.options, self.tokenized
-        identity = models.model_identity(
-            name, dtype=self.dtype, device=self.device, revision=revision,
-            trust_remote_code=options.trust_remote_code, adapter=adapter,
-        )  # fmt: skip
-        n = len(tokenized)
-        chosen, rejected = np.full(n, np.nan), np.full(n, np.nan)
-        cache = None
-        if options.cache:
-            cache = LogProbCache(Path(options.cache_dir or default_cache_dir()), model_key(identity), identity)
-            cached = cache.load()
-            for i, key in enumerate(self.keys):
-                if key in cached and not tokenized.dropped[i]:
-                    chosen[i], rejected[i] = cached[key]
-        todo = np.flatnonzero(np.isnan(chosen) & ~tokenized.dropped)
-        record: dict[str, Any] = {
-            **identity,
-            "device": str(self.device),
-            "pairs_from_cache": int(n - tokenized.dropped.sum() - len(todo)),
-        }
-        self.results[label] = (chosen, rejected)
-        if len(todo) == 0:
-            log.info("%s: all %d pairs found in the cache; model not loaded", label, n)
-            return record
-
-        if self.loaded is None or self.loaded.name != name or adapter is None:
-            self.release()
-            self.loaded = models.load_model(
-                name, dtype=self.dtype, device=self.device, revision=revision,
-                trust_remote_code=options.trust_remote_code, what=label, shard=options.shard,
-            )  # fmt: skip
-        model = models.attach_adapter(self.loaded, adapter) if adapter is not None else self.loaded
-        record.update(model.provenance())
+        options = self.options
         settings = ScoreSettings(
-            batch_tokens=options.batch_tokens or (16384 if self.device.type == "cuda" else 4096),
-            layout=options.layout,
+            batch_tokens=options.batch_tokens or default_batch_tokens(source.device.type), layout=options.layout
         )
-        advance = self.progress(f"scoring {label}", len(todo)) if self.progress else None
+        bar = (lambda total: self.progress(f"scoring {label}", total)) if self.progress else None
+        engine = ModelScorer(source, settings, bar)
+        identity = source.identity()
+        scorer = engine
+        if options.cache and identity is not None:
+            cache = LogProbCache(Path(options.cache_dir or default_cache_dir()), model_key(identity), identity)
+            scorer = CachedScorer(engine, cache, self.keys, extras=_wanted_extras(settings))
+        elif options.cache:
+            log.info("%s: an in-memory model too large to fingerprint cheaply is not cached", label)
+        scores = scorer.score(self.tokenized)
+        if not engine.record:
+            log.info("%s: all %d pairs found in the cache; model not loaded", label, len(self.tokenized))
+        record = {
+            **(identity or {}),
+            "device": str(source.device),
+            "pairs_from_cache": getattr(scorer, "pairs_from_cache", 0),
+            **engine.record,
+        }
+        return scores, record
 
-        def save(done, done_chosen, done_rejected, extras) -> None:
-            if cache is not None:
-                cache.add([self.keys[i] for i in done], done_chosen, done_rejected)
 
-        scorer = LogProbScorer(model.model, settings)
-        try:
-            scored_c, scored_r = scorer.score(tokenized, advance, todo, save)
-        finally:
-            if cache is not None:
-                cache.flush()
-        computed = scorer.tokens["computed"]
-        record.update(
-            layout=scorer.settings.layout,
-            batch_tokens=scorer.settings.batch_tokens,  # smaller than asked for after an out-of-memory
-            first_batch_seconds=round(scorer.first_batch_seconds, 3),
-            padding_fraction=round(1 - scorer.tokens["real"] / computed, 4) if computed else 0.0,
-        )
-        chosen[todo], rejected[todo] = scored_c[todo], scored_r[todo]
-        return record
-
-    def release(self) -> None:
-        """Free the model in memory (and the GPU cache) before the next one is loaded."""
-        if self.loaded is None:
-            return
-        device = self.loaded.device
-        self.loaded = None
-        if device.type == "cuda":
-            import torch
-
-            torch.cuda.empty_cache()
+def _wanted_extras(settings) -> tuple[str, ...]:
+    """The engine's further per-pair columns these settings ask for (CHES when the engine computes it)."""
+    return ("ches", "ches_norm") if getattr(settings, "ches", False) else ()
 
 
 MAX_GROUPS = 1000
@@ -327,12 +339,6 @@ def _check_group_column(table: pd.DataFrame, column: str | None) -> None:
         raise UsageError(
             f"--group-by: column {column!r} has {distinct:,} distinct values; at most {MAX_GROUPS} groups are allowed"
         )
-
-
-def _options_record(options: RunOptions) -> dict[str, Any]:
-    record = asdict(options)
-    record["columns"] = asdict(options.columns)
-    return record
 
 
 _LEADING = [

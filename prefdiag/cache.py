@@ -2,7 +2,8 @@
 run resumes where it stopped; and the token ids of a whole dataset (``<root>/tokens/<key>.npz``, keyed by
 ``prefdiag.tokenization.tokenization_key``), so a rerun on the same data does not tokenize again.
 
-Layout: ``<root>/<model key>/shard-*.parquet``, each shard holding ``pair_key, chosen_logp, rejected_logp``.
+Layout: ``<root>/<model key>/shard-*.parquet``, each shard holding ``pair_key, chosen_logp, rejected_logp`` and
+the further per-pair columns the engine computed (``scorer.extras``, e.g. ``ches``), plus ``model.json``.
 The model key hashes what decides the numbers besides the tokens: the model's identity (path or hub id, revision,
 commit, a fingerprint of the weight files), dtype, device type and the scoring code's version. The pair key hashes
 the pair's token ids (prompt, chosen, rejected), so the tokenizer, chat template, truncation settings and the
@@ -14,21 +15,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from prefdiag.errors import first_line
 from prefdiag.tokenization import TokenizedPairs
 
-# Bump when a change to scoring changes numbers, so old caches are not reused.
-SCORING_VERSION = 2  # 2: sliding-window layers masked to their window
+log = logging.getLogger(__name__)
+
+# Bump when a change to scoring changes numbers or the shards' content, so old caches are not reused.
+SCORING_VERSION = 3  # 2: sliding-window layers masked to their window; 3: shards hold the engine's extras columns
+STALE_SECONDS = 3600.0  # a temporary file older than this was left by a process that died
 
 
 def default_cache_dir() -> Path:
@@ -72,10 +79,13 @@ def save_tokenized(path: Path, tokenized: TokenizedPairs) -> None:
         arrays[f"{part}_lengths"] = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         arrays[f"{part}_ids"] = np.fromiter((t for row in ids for t in row), dtype=np.int32)  # any vocabulary fits
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)
-    os.replace(tmp, path)
+    sweep_stale_temporaries(path.parent)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+
+    _write_atomically(path, write)
 
 
 def load_tokenized(path: Path) -> TokenizedPairs | None:
@@ -91,53 +101,89 @@ def load_tokenized(path: Path) -> TokenizedPairs | None:
                 data["rejected_full_tokens"], data["boundary_mismatch"], data["truncated"], data["dropped"],
                 json.loads(str(data["settings"])),
             )  # fmt: skip
-    except (OSError, ValueError, KeyError):
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # noqa: BLE001 - truncated, BadZipFile, garbage: a miss, rebuilt by this run
+        log.warning("ignoring an unreadable token cache %s: %s", path, first_line(exc))
         return None
 
 
 class LogProbCache:
-    """Per-pair (chosen, rejected) log-probs of one model, read at start and appended to as batches finish."""
+    """Per-pair log-probs (and any further per-pair columns the engine computed) of one model, read at start and
+    appended to as batches finish. A cache is only a cache: a shard that cannot be read is skipped with a warning,
+    and one that cannot be written is a warning, never a failed run."""
 
     def __init__(self, root: Path, key: str, identity: dict[str, Any], flush_seconds: float = 30.0) -> None:
         self.dir = Path(root) / key
         self.identity = identity
         self.flush_seconds = flush_seconds
-        self._pending: list[tuple[list[str], np.ndarray, np.ndarray]] = []
+        self._pending: list[dict[str, Any]] = []
         self._last_flush = time.monotonic()
+        self._write_failed = False
 
-    def load(self) -> dict[str, tuple[float, float]]:
-        """Every cached pair of this model; unreadable shards (a crash mid-write) are ignored."""
-        found: dict[str, tuple[float, float]] = {}
-        if not self.dir.is_dir():
-            return found
-        for shard in sorted(self.dir.glob("shard-*.parquet")):
-            try:
-                table = pq.read_table(shard).to_pydict()
-            except (OSError, pa.ArrowInvalid):
-                continue
-            found.update(zip(table["pair_key"], zip(table["chosen_logp"], table["rejected_logp"])))
-        return found
+    def load(self) -> pd.DataFrame:
+        """Every cached pair of this model, indexed by pair key, with chosen_logp, rejected_logp and the extras
+        columns some shard holds (NaN where a shard lacked one). Unreadable shards (a crash mid-write, a truncated
+        or foreign file) are ignored with a warning."""
+        frames = []
+        if self.dir.is_dir():
+            sweep_stale_temporaries(self.dir)
+            for shard in sorted(self.dir.glob("shard-*.parquet")):
+                try:
+                    frames.append(pq.read_table(shard).to_pandas())
+                except Exception as exc:  # noqa: BLE001 - any unreadable file is a cache miss
+                    log.warning("ignoring an unreadable cache shard %s: %s", shard, first_line(exc))
+        frames = [f for f in frames if "pair_key" in f.columns and {"chosen_logp", "rejected_logp"} <= set(f.columns)]
+        if not frames:
+            return pd.DataFrame(columns=["chosen_logp", "rejected_logp"], index=pd.Index([], name="pair_key"))
+        table = pd.concat(frames, ignore_index=True).drop_duplicates("pair_key", keep="last")
+        return table.set_index("pair_key")
 
-    def add(self, keys: list[str], chosen: np.ndarray, rejected: np.ndarray) -> None:
-        """Queue finished pairs; written to disk at least every flush_seconds."""
-        self._pending.append((keys, np.asarray(chosen, float), np.asarray(rejected, float)))
+    def add(self, keys: list[str], chosen: np.ndarray, rejected: np.ndarray, extras: dict[str, np.ndarray] | None = None) -> None:
+        """Queue finished pairs (with their extras columns); written to disk at least every flush_seconds."""
+        columns = {"pair_key": list(keys), "chosen_logp": np.asarray(chosen, float), "rejected_logp": np.asarray(rejected, float)}
+        columns.update({name: np.asarray(values, float) for name, values in (extras or {}).items()})
+        self._pending.append(columns)
         if time.monotonic() - self._last_flush >= self.flush_seconds:
             self.flush()
 
     def flush(self) -> None:
-        """Write queued pairs as one new shard, atomically (temp file then rename)."""
+        """Write queued pairs as one new shard, atomically (temp file then rename); a write failure only warns."""
         if not self._pending:
             return
-        keys = [k for batch in self._pending for k in batch[0]]
-        chosen = np.concatenate([batch[1] for batch in self._pending])
-        rejected = np.concatenate([batch[2] for batch in self._pending])
-        self.dir.mkdir(parents=True, exist_ok=True)
-        meta = self.dir / "model.json"
-        if not meta.exists():
-            meta.write_text(json.dumps(self.identity, indent=2, default=str))
-        name = f"shard-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = self.dir / f".{name}.tmp"
-        pq.write_table(pa.table({"pair_key": keys, "chosen_logp": chosen, "rejected_logp": rejected}), tmp)
-        os.replace(tmp, self.dir / name)
+        table = pa.Table.from_pandas(pd.concat([pd.DataFrame(c) for c in self._pending], ignore_index=True), preserve_index=False)
         self._pending.clear()
         self._last_flush = time.monotonic()
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            meta = self.dir / "model.json"
+            if not meta.exists():
+                _write_atomically(meta, lambda tmp: tmp.write_text(json.dumps(self.identity, indent=2, default=str)))
+            name = f"shard-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
+            _write_atomically(self.dir / name, lambda tmp: pq.write_table(table, tmp))
+        except OSError as exc:
+            if not self._write_failed:  # once per model: the run goes on, only slower next time
+                log.warning("cannot save log-probs to the cache (%s): %s", self.dir, first_line(exc))
+            self._write_failed = True
+
+
+def _write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write through a temporary file beside ``path``, renamed over it; the temporary never outlives a failure."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def sweep_stale_temporaries(directory: Path, older_than_seconds: float = STALE_SECONDS) -> None:
+    """Remove temporary files (``.*.tmp``) a killed process left behind, once they are older than an hour."""
+    cutoff = time.time() - older_than_seconds
+    try:
+        for tmp in directory.glob(".*.tmp"):
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink(missing_ok=True)
+    except OSError:
+        pass

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import traceback
+from collections.abc import Callable
+from typing import Any
+
+import typer
 
 from prefdiag.errors import PrefdiagError, RunError, UsageError, first_line
 
@@ -36,3 +41,18 @@ def report_error(exc: BaseException) -> int:
     if not isinstance(exc, PrefdiagError) and os.environ.get("PREFDIAG_DEBUG") != "1":
         print("Set PREFDIAG_DEBUG=1 to see the traceback.", file=sys.stderr)
     return exit_code_for(exc)
+
+
+def handles_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn any exception a command raises into a one-line message and the exit code this module assigns it."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - this is the one catch-all
+            raise typer.Exit(report_error(exc)) from None
+
+    return wrapper

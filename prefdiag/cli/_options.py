@@ -8,43 +8,20 @@ from typing import Annotated, Optional
 
 import typer
 
-
-class OutputFormat(str, Enum):
-    table = "table"
-    json = "json"
+from prefdiag import options
 
 
-class TableFormat(str, Enum):
-    parquet = "parquet"
-    csv = "csv"
-    jsonl = "jsonl"
+def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
+    """A str Enum of an option's choices as prefdiag.options defines them (typer shows them in --help)."""
+    return Enum(name, {value: value for value in values}, type=str)
 
 
-class DataFormat(str, Enum):
-    auto = "auto"
-    standard = "standard"
-    conversational = "conversational"
-    hh = "hh"
-
-
-class Dtype(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-
-
-class Layout(str, Enum):
-    prefix = "prefix"
-    packed = "packed"
-    separate = "separate"
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-    mps = "mps"
+OutputFormat = _choices("OutputFormat", options.OUTPUT_FORMATS)
+TableFormat = _choices("TableFormat", options.TABLE_FORMATS)
+DataFormat = _choices("DataFormat", options.DATA_FORMATS)
+Dtype = _choices("Dtype", options.DTYPES)
+Layout = _choices("Layout", options.LAYOUTS)
+Device = _choices("Device", options.DEVICES)
 
 
 Data = Annotated[
@@ -75,7 +52,7 @@ MaxLength = Annotated[
     typer.Option(help="Truncate prompt+response at this many tokens, keep_start, as TRL's max_length does."),
 ]
 BatchTokens = Annotated[
-    Optional[int], typer.Option(help="Padded tokens per forward pass (default 16384 on GPU, 4096 on CPU).")
+    Optional[int], typer.Option(help=f"Padded tokens per forward pass ({options.batch_tokens_help()}).")
 ]
 LayoutOpt = Annotated[
     Layout,

@@ -13,6 +13,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from prefdiag.cli._options import OutputFormat
+from prefdiag.phases import phase
 
 stdout = Console()
 stderr = Console(stderr=True)
@@ -20,6 +21,11 @@ stderr = Console(stderr=True)
 
 def setup_logging(quiet: bool) -> None:
     """Warnings (and our info lines) to stderr through rich; silence the libraries' own progress bars."""
+    with phase("cli_setup"):
+        _setup_logging(quiet)
+
+
+def _setup_logging(quiet: bool) -> None:
     level = logging.ERROR if quiet else logging.WARNING
     logging.basicConfig(level=level, handlers=[RichHandler(console=stderr, show_path=False)], force=True, format="%(message)s")
     logging.getLogger("prefdiag").setLevel(logging.ERROR if quiet else logging.INFO)
@@ -75,45 +81,15 @@ def emit(pairs, summary: dict[str, Any], fmt: OutputFormat, top: int) -> None:
     from prefdiag.reports.files import dumps_summary
     from prefdiag.reports.terminal import print_report
 
-    if fmt == OutputFormat.json:
-        print(dumps_summary(summary), end="")
-    else:
-        print_report(stdout, pairs, summary, top)
+    with phase("print_report"):
+        if fmt == OutputFormat.json:
+            print(dumps_summary(summary), end="")
+        else:
+            print_report(stdout, pairs, summary, top)
 
 
-def write_outputs(pairs, summary: dict[str, Any], out_dir: Path, table_format: str | None, top: int) -> list[Path]:
-    """Write the per-pair table (unless table_format is None), summary.json, report.md, junit.xml and report.html
-    into out_dir, atomically."""
-    from prefdiag.reports.files import dumps_summary, write_atomically, write_table, write_text
-    from prefdiag.reports.html import render_html
-    from prefdiag.reports.junit import render_junit
-    from prefdiag.reports.markdown import render_markdown
-
-    writers = {}
-    if pairs is not None and table_format is not None:
-        writers[f"pairs.{table_format}"] = lambda path: write_table(pairs, path, table_format)
-    writers.update(
-        {
-            "summary.json": write_text(dumps_summary(summary)),
-            "report.md": write_text(render_markdown(pairs, summary, top)),
-            "junit.xml": write_text(render_junit(summary)),
-            "report.html": write_text(render_html(pairs, summary, top)),
-        }
-    )
-    written = write_atomically(out_dir, writers)
+def write(result, out_dir: Path, table_format: str | None, top: int) -> list[Path]:
+    """Write the run's files into out_dir (RunResult.write) and say so on stderr."""
+    written = result.write(out_dir, table_format, top)
     stderr.print(f"wrote {', '.join(p.name for p in written)} to {out_dir}", highlight=False, soft_wrap=True)
     return written
-
-
-def append_step_summary(pairs, summary: dict[str, Any], top: int) -> None:
-    """Append report.md to $GITHUB_STEP_SUMMARY when GitHub Actions sets it (a write failure only warns)."""
-    target = os.environ.get("GITHUB_STEP_SUMMARY")
-    if not target:
-        return
-    from prefdiag.reports.markdown import render_markdown
-
-    try:
-        with open(target, "a", encoding="utf-8") as handle:
-            handle.write(render_markdown(pairs, summary, top) + "\n")
-    except OSError as exc:
-        logging.getLogger("prefdiag").warning("could not append to GITHUB_STEP_SUMMARY (%s): %s", target, exc)

@@ -1,83 +1,14 @@
-"""`prefdiag gate` (re-gate a saved summary, no model) and the gate/baseline/report steps audit and compare share."""
+"""`prefdiag gate`: re-gate a saved run (no model, no torch) through the same library calls audit and compare use."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
 from prefdiag.cli import _options as o
-from prefdiag.cli._errors import EXIT_GATE_FAILED
-from prefdiag.cli.scoring_commands import handles_errors
-
-
-@dataclass
-class GatePlan:
-    """What a run checks once scored: its rules, and the previous run to compare with."""
-
-    rules: list = field(default_factory=list)
-    baseline: Any = None  # prefdiag.baseline.SavedRun
-
-
-def prepare(
-    command: str,
-    mode: str,
-    min_rules: list[str] | None,
-    max_rules: list[str] | None,
-    gate_file: Path | None,
-    baseline: Path | None,
-) -> GatePlan:
-    """Parse and check the rules and read the baseline before any model loads, so a typo fails in a second."""
-    from prefdiag import gate
-    from prefdiag.baseline import load_run
-
-    rules = gate.collect_rules(
-        min_rules=min_rules or (), max_rules=max_rules or (), gate_file=gate_file, command=command
-    )
-    gate.check_rules(rules, mode, baseline=baseline is not None, command=f"prefdiag {command}")
-    return GatePlan(rules, load_run(baseline) if baseline is not None else None)
-
-
-def finish(
-    pairs,
-    summary: dict[str, Any],
-    plan: GatePlan,
-    output: Path | None,
-    fmt: o.OutputFormat,
-    table_format: str | None,
-    top: int,
-) -> None:
-    """Compare with the baseline, gate, write every output, print the report; exit 1 when an error rule failed.
-    A rule the finished summary cannot evaluate still leaves the outputs written before it exits 2."""
-    from prefdiag import gate
-    from prefdiag.baseline import compare_with_baseline
-    from prefdiag.cli._output import append_step_summary, emit, write_outputs
-
-    if plan.baseline is not None:
-        record, pairs = compare_with_baseline(pairs, summary, plan.baseline)
-        _insert_before_provenance(summary, "baseline", record)
-    try:
-        outcome = gate.apply(summary, plan.rules)
-    except Exception:
-        if output is not None:
-            write_outputs(pairs, summary, output, table_format, top)
-        raise
-    if output is not None:
-        write_outputs(pairs, summary, output, table_format, top)
-    append_step_summary(pairs, summary, top)
-    emit(pairs, summary, fmt, top)
-    if not outcome["passed"]:
-        raise typer.Exit(EXIT_GATE_FAILED)
-
-
-def _insert_before_provenance(summary: dict[str, Any], key: str, value: Any) -> None:
-    summary.pop(key, None)
-    provenance = summary.pop("provenance", None)
-    summary[key] = value
-    if provenance is not None:
-        summary["provenance"] = provenance
+from prefdiag.cli._errors import handles_errors
 
 
 SavedRunArg = Annotated[
@@ -118,8 +49,10 @@ def gate(
     """
     from prefdiag import gate as gates
     from prefdiag.baseline import load_run
+    from prefdiag.cli._finish import GatePlan, finish
     from prefdiag.cli._output import setup_logging
     from prefdiag.errors import UsageError
+    from prefdiag.result import RunResult
 
     setup_logging(quiet)
     saved = load_run(run)
@@ -137,7 +70,7 @@ def gate(
     summary = {k: v for k, v in saved.summary.items() if k != "gate"}
     # Without --baseline, a baseline comparison the run already made stays in the summary and can be gated.
     plan = GatePlan(rules, load_run(baseline) if baseline is not None else None)
-    finish(saved.pairs, summary, plan, output, fmt, _table_format(saved, output), top)
+    finish(RunResult(saved.pairs, summary), plan, output, fmt, _table_format(saved, output), top)
 
 
 def _table_format(saved, output: Path | None) -> str | None:

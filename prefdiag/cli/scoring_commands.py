@@ -2,35 +2,16 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import typer
-
 from prefdiag.cli import _options as o
-from prefdiag.cli._errors import report_error
-
-
-def handles_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn any exception into a one-line message and the exit code cli/_errors.py assigns it."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except typer.Exit:
-            raise
-        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - this is the one catch-all
-            raise typer.Exit(report_error(exc)) from None
-
-    return wrapper
+from prefdiag.cli._errors import handles_errors
 
 
 def _options(**kwargs: Any):
-    from prefdiag.api import RunOptions
     from prefdiag.data import ColumnMap
+    from prefdiag.options import RunOptions
 
     columns = ColumnMap(
         prompt=kwargs.pop("prompt_column"),
@@ -46,9 +27,9 @@ def _options(**kwargs: Any):
 
 
 def _finish(result, plan, output: Path | None, fmt: o.OutputFormat, table_format: o.TableFormat, top: int) -> None:
-    from prefdiag.cli.gate_command import finish
+    from prefdiag.cli._finish import finish
 
-    finish(result.pairs, result.summary, plan, output, fmt, table_format.value, top)
+    finish(result, plan, output, fmt, table_format.value, top)
 
 
 @handles_errors
@@ -96,7 +77,7 @@ def audit(
     """
     from prefdiag import api
     from prefdiag.cli._output import ProgressBars, setup_logging
-    from prefdiag.cli.gate_command import prepare
+    from prefdiag.cli._finish import prepare
     from prefdiag.gate import run_mode
 
     setup_logging(quiet)
@@ -157,7 +138,7 @@ def compare(
     """
     from prefdiag import api
     from prefdiag.cli._output import ProgressBars, setup_logging
-    from prefdiag.cli.gate_command import prepare
+    from prefdiag.cli._finish import prepare
     from prefdiag.gate import run_mode
 
     setup_logging(quiet)
