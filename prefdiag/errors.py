@@ -38,3 +38,17 @@ def first_line(exc: BaseException, *, with_type: bool = False) -> str:
 
 class RunError(PrefdiagError):
     """Something failed while running on valid input (out of memory at the smallest batch, numerical failure)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT or SIGTERM (a KeyboardInterrupt, so no ``except Exception`` swallows it).
+    ``done`` of ``total`` pairs were scored in the pass it stopped; what was scored is in the cache."""
+
+    def __init__(self, signal_number: int, done: int | None = None, total: int | None = None) -> None:
+        super().__init__(signal_number, done, total)
+        self.signal_number, self.done, self.total = signal_number, done, total
+
+    def __str__(self) -> str:
+        if self.done is None or self.total is None:
+            return "interrupted"
+        return f"interrupted after {self.done} of {self.total} pairs; rerun the same command to resume"

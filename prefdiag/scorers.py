@@ -9,6 +9,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from prefdiag import interrupt
+from prefdiag.errors import Interrupted
 from prefdiag.phases import phase
 
 log = logging.getLogger(__name__)
@@ -59,10 +61,20 @@ class ModelScorer:
         todo = np.flatnonzero(~np.asarray(tokenized.dropped)) if pairs is None else np.asarray(pairs, dtype=np.int64)
         if progress is None and self.progress_bar is not None:
             progress = self.progress_bar(len(todo))
+        done_so_far = 0
+
+        def pairs_done(indices: np.ndarray, chosen: np.ndarray, rejected: np.ndarray, extras: dict) -> None:
+            nonlocal done_so_far
+            if on_pairs_done is not None:
+                on_pairs_done(indices, chosen, rejected, extras)  # saved (by a CachedScorer) before any stop
+            done_so_far += len(indices)
+            interrupt.check(done_so_far, len(todo))  # a SIGINT / SIGTERM stops here, at the end of a batch
+
         with self.source.ready() as model:
             engine = LogProbScorer(model, self.settings)
-            with phase("score"):
-                chosen, rejected = engine.score(tokenized, progress, todo, on_pairs_done)
+            with phase("score"), interrupt.deferred():
+                chosen, rejected = engine.score(tokenized, progress, todo, pairs_done)
+            interrupt.check(done_so_far, len(todo))
             self.record = self.source.provenance()
         self.extras, self.tokens = engine.extras, engine.tokens
         computed = engine.tokens["computed"]
@@ -120,6 +132,10 @@ class CachedScorer:
 
         try:
             scored_c, scored_r = self.inner.score(tokenized, progress, todo, save)
+        except Interrupted as stop:  # count the pairs served from the cache as done
+            if stop.done is not None and stop.total is not None:
+                stop.done, stop.total = stop.done + self.pairs_from_cache, stop.total + self.pairs_from_cache
+            raise
         finally:
             with phase("cache_io"):
                 self.cache.flush()

@@ -11,7 +11,8 @@ from typing import Any
 
 import typer
 
-from prefdiag.errors import PrefdiagError, RunError, UsageError, first_line
+from prefdiag.errors import Interrupted, PrefdiagError, RunError, UsageError, first_line
+from prefdiag.interrupt import handle_signals
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_USAGE, EXIT_RUN_FAILED = 0, 1, 2, 3
 
@@ -22,8 +23,16 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
 ]
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT; SIGTERM gives 143
+
+
 def exit_code_for(exc: BaseException) -> int:
-    """Exit code for an exception: 2 for bad usage or input, 3 for anything that failed while running."""
+    """Exit code for an exception: 2 for bad usage or input, 3 for anything that failed while running, 128 + the
+    signal number for a run stopped by a signal (130 for Ctrl-C)."""
+    if isinstance(exc, Interrupted):
+        return 128 + exc.signal_number
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
     for cls, code in EXIT_CODES:
         if isinstance(exc, cls):
             return code
@@ -34,6 +43,9 @@ def report_error(exc: BaseException) -> int:
     """Print a one-line error (a hint on a second line), the traceback only with PREFDIAG_DEBUG=1; return the code."""
     if os.environ.get("PREFDIAG_DEBUG") == "1":
         traceback.print_exception(exc, file=sys.stderr)
+    if isinstance(exc, KeyboardInterrupt):  # Ctrl-C or SIGTERM: not an error, one line saying where it stopped
+        print(str(exc) if isinstance(exc, Interrupted) else "interrupted", file=sys.stderr)
+        return exit_code_for(exc)
     print(f"Error: {first_line(exc, with_type=not isinstance(exc, PrefdiagError))}", file=sys.stderr)
     hint = getattr(exc, "hint", None)
     if hint:
@@ -49,7 +61,8 @@ def handles_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            with handle_signals():
+                return command(*args, **kwargs)
         except typer.Exit:
             raise
         except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - this is the one catch-all
