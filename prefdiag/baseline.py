@@ -15,9 +15,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from prefdiag import __version__
+from prefdiag.diagnostics import SCHEMA_VERSION
 from prefdiag.errors import DataError
 from prefdiag.gate import metric_values
 
+READABLE_SCHEMA_VERSIONS = (SCHEMA_VERSION,)  # the summary.json schema versions gate and --baseline accept
 LISTED_PAIRS = 50  # regressed / fixed pairs listed in summary.json (all are marked in the pairs table)
 
 
@@ -46,6 +49,7 @@ def load_run(path: Path) -> SavedRun:
         raise DataError(f"{summary_path}: not a readable summary.json ({exc})") from None
     if not isinstance(summary, dict) or "n_pairs" not in summary:
         raise DataError(f"{summary_path}: not a prefdiag summary.json (no n_pairs)")
+    check_schema_version(summary, summary_path)
     pairs = None
     for fmt in ("parquet", "csv", "jsonl"):
         table_path = summary_path.parent / f"pairs.{fmt}"
@@ -53,6 +57,18 @@ def load_run(path: Path) -> SavedRun:
             pairs = _read_table(table_path, fmt)
             break
     return SavedRun(summary, pairs, summary_path.parent)
+
+
+def check_schema_version(summary: dict[str, Any], where: Path | str) -> None:
+    """Refuse a summary written in a schema this prefdiag does not read (or with none), in one line."""
+    version = summary.get("schema_version")
+    if version not in READABLE_SCHEMA_VERSIONS:
+        found = "has no schema_version" if version is None else f"has schema_version {version!r}"
+        readable = ", ".join(map(str, READABLE_SCHEMA_VERSIONS))
+        raise DataError(
+            f"{where}: this summary.json {found}; this prefdiag ({__version__}) reads schema_version {readable}",
+            hint="rerun the scoring with this prefdiag, or gate it with the prefdiag that wrote it",
+        )
 
 
 def _read_table(path: Path, fmt: str) -> pd.DataFrame:

@@ -100,6 +100,22 @@ class RunResult:
         return True
 
 
+def check_output_dir(directory: str | Path, flag: str = "--output") -> None:
+    """Refuse, before any work, an output directory that cannot be created or written (a file in the way, a
+    read-only parent), naming the path."""
+    from prefdiag.errors import UsageError
+
+    path = Path(directory)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"cannot be created: {existing} is a file"
+        raise UsageError(f"{flag} {path}: {where}; expected a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: {existing} is not writable")
+
+
 def _insert_before_provenance(summary: dict[str, Any], key: str, value: Any) -> None:
     summary.pop(key, None)
     provenance = summary.pop("provenance", None)

@@ -6,6 +6,7 @@ import typer
 
 from prefdiag import __version__
 from prefdiag.cli import gate_command, scoring_commands
+from prefdiag.cli._errors import OneLineErrors
 
 app = typer.Typer(
     name="prefdiag",
@@ -15,6 +16,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    cls=OneLineErrors,
 )
 app.command("audit")(scoring_commands.audit)
 app.command("compare")(scoring_commands.compare)

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from typing import Any
 
 import typer
+from typer.core import TyperGroup
+from typer.core import _click as click  # typer 0.2x vendors click; its exceptions are these
 
 from prefdiag.errors import Interrupted, PrefdiagError, RunError, UsageError, first_line
 from prefdiag.interrupt import handle_signals
@@ -69,3 +71,27 @@ def handles_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(report_error(exc)) from None
 
     return wrapper
+
+
+class OneLineErrors(TyperGroup):
+    """The app's command group: click's own usage errors (a bad choice or type, an unknown option, a missing
+    argument) become one line in prefdiag's format, "Error: ...", exit 2, instead of a usage panel."""
+
+    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:  # fmt: skip
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # `prefdiag` alone: the help, as typer shows it
+            from typer import rich_utils
+
+            rich_utils.rich_format_error(exc)
+            code = exc.exit_code
+        except click.exceptions.ClickException as exc:
+            print(f"Error: {' '.join(exc.format_message().split())}", file=sys.stderr)
+            code = EXIT_USAGE if isinstance(exc, click.exceptions.UsageError) else exc.exit_code
+        except click.exceptions.Abort:
+            print("interrupted", file=sys.stderr)
+            code = EXIT_INTERRUPTED
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)

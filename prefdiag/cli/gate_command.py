@@ -52,9 +52,11 @@ def gate(
     from prefdiag.cli._finish import GatePlan, finish
     from prefdiag.cli._output import setup_logging
     from prefdiag.errors import UsageError
-    from prefdiag.result import RunResult
+    from prefdiag.result import RunResult, check_output_dir
 
     setup_logging(quiet)
+    if output is not None:
+        check_output_dir(output)
     saved = load_run(run)
     command = saved.summary.get("command")
     rules = gates.collect_rules(

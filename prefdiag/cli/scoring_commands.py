@@ -78,9 +78,12 @@ def audit(
     from prefdiag import api
     from prefdiag.cli._output import ProgressBars, setup_logging
     from prefdiag.cli._finish import prepare
+    from prefdiag.result import check_output_dir
     from prefdiag.gate import run_mode
 
     setup_logging(quiet)
+    if output is not None:
+        check_output_dir(output)  # before any model loads
     options = _options(
         beta=beta, max_length=max_length, dtype=dtype, device=device, batch_tokens=batch_tokens, layout=layout,
         shard=shard,
@@ -139,9 +142,12 @@ def compare(
     from prefdiag import api
     from prefdiag.cli._output import ProgressBars, setup_logging
     from prefdiag.cli._finish import prepare
+    from prefdiag.result import check_output_dir
     from prefdiag.gate import run_mode
 
     setup_logging(quiet)
+    if output is not None:
+        check_output_dir(output)  # before any model loads
     options = _options(
         beta=beta, max_length=max_length, dtype=dtype, device=device, batch_tokens=batch_tokens, layout=layout,
         shard=shard,
