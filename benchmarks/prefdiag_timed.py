@@ -67,7 +67,8 @@ def main() -> int:
     import transformers  # noqa: F401
 
     for name in ("prefdiag.data", "prefdiag.checks", "prefdiag.models", "prefdiag.tokenization", "prefdiag.scoring",
-                 "prefdiag.cache", "prefdiag.diagnostics", "prefdiag.api", "prefdiag.cli", "prefdiag.cli._output"):  # fmt: skip
+                 "prefdiag.cache", "prefdiag.diagnostics", "prefdiag.sources", "prefdiag.scorers", "prefdiag.api",
+                 "prefdiag.cli", "prefdiag.cli._output"):  # fmt: skip
         try:
             importlib.import_module(name)
         except ImportError:

@@ -139,9 +139,12 @@ class LogProbCache:
         table = pd.concat(frames, ignore_index=True).drop_duplicates("pair_key", keep="last")
         return table.set_index("pair_key")
 
-    def add(self, keys: list[str], chosen: np.ndarray, rejected: np.ndarray, extras: dict[str, np.ndarray] | None = None) -> None:
+    def add(
+        self, keys: list[str], chosen: np.ndarray, rejected: np.ndarray, extras: dict[str, np.ndarray] | None = None
+    ) -> None:
         """Queue finished pairs (with their extras columns); written to disk at least every flush_seconds."""
-        columns = {"pair_key": list(keys), "chosen_logp": np.asarray(chosen, float), "rejected_logp": np.asarray(rejected, float)}
+        columns = {"pair_key": list(keys), "chosen_logp": np.asarray(chosen, float)}
+        columns["rejected_logp"] = np.asarray(rejected, float)
         columns.update({name: np.asarray(values, float) for name, values in (extras or {}).items()})
         self._pending.append(columns)
         if time.monotonic() - self._last_flush >= self.flush_seconds:
@@ -151,7 +154,8 @@ class LogProbCache:
         """Write queued pairs as one new shard, atomically (temp file then rename); a write failure only warns."""
         if not self._pending:
             return
-        table = pa.Table.from_pandas(pd.concat([pd.DataFrame(c) for c in self._pending], ignore_index=True), preserve_index=False)
+        frame = pd.concat([pd.DataFrame(columns) for columns in self._pending], ignore_index=True)
+        table = pa.Table.from_pandas(frame, preserve_index=False)
         self._pending.clear()
         self._last_flush = time.monotonic()
         try:

@@ -60,7 +60,8 @@ class RunOptions:
     cache_dir: str | None = None
     data_format: str = "auto"  # auto | standard | conversational | hh (see prefdiag.data)
     group_by: str | None = None  # a data column: summary["groups"] holds the metrics per value
-    hash_weights: bool | None = None  # in-memory models: None hashes up to FINGERPRINT_MAX_BYTES, True always, False never
+    hash_weights: bool | None = None  # an in-memory model's cache identity: None hashes its weights up to
+    # FINGERPRINT_MAX_BYTES (else no cache), True hashes any size, False never caches it
 
     def validate(self) -> None:
         """Refuse a bad value with a UsageError naming the option."""

@@ -95,7 +95,8 @@ def test_gate_and_baseline_refuse_a_summary_of_another_schema(saved_run, tmp_pat
         result = runner.invoke(app, args)
         assert result.exit_code == 2, result.output
         first = result.stderr.splitlines()[0]
-        assert first.startswith(f"Error: {other}: this summary.json {found}; this prefdiag") and "reads schema_version 1" in first
+        assert first.startswith(f"Error: {other}: this summary.json {found}; this prefdiag")
+        assert "reads schema_version 1" in first
 
 
 def test_every_summary_matches_the_published_schema(saved_run, tmp_path):

@@ -94,7 +94,10 @@ GroupBy = Annotated[
 ]
 Output = Annotated[
     Optional[Path],
-    typer.Option("--output", "-o", help="Directory for pairs.parquet, summary.json, report.md, junit.xml and report.html.", file_okay=False),
+    typer.Option(
+        "--output", "-o", file_okay=False,
+        help="Directory for pairs.parquet, summary.json, report.md, junit.xml and report.html.",
+    ),  # fmt: skip
 ]
 FormatOpt = Annotated[
     OutputFormat, typer.Option("--format", "-f", help="stdout: a table for people, or the summary as JSON.")

@@ -27,7 +27,8 @@ def setup_logging(quiet: bool) -> None:
 
 def _setup_logging(quiet: bool) -> None:
     level = logging.ERROR if quiet else logging.WARNING
-    logging.basicConfig(level=level, handlers=[RichHandler(console=stderr, show_path=False)], force=True, format="%(message)s")
+    handler = RichHandler(console=stderr, show_path=False)
+    logging.basicConfig(level=level, handlers=[handler], force=True, format="%(message)s")
     logging.getLogger("prefdiag").setLevel(logging.ERROR if quiet else logging.INFO)
     # Environment switches rather than imports: `datasets` costs over a second to import and most runs never need it.
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
