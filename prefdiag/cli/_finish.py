@@ -39,7 +39,9 @@ def prepare(
     return GatePlan(rules, load_run(baseline) if baseline is not None else None)
 
 
-def finish(result, plan: GatePlan, output: Path | None, fmt: Any, table_format: str | None, top: int) -> None:
+def finish(
+    result, plan: GatePlan, output: Path | None, fmt: Any, table_format: str | None, top: int, quiet: bool = False
+) -> None:
     """Compare with the baseline, gate, write every output, print the report; exit 1 when an error rule failed.
     A rule the finished summary cannot evaluate still leaves the outputs written before it exits 2."""
     from prefdiag.cli._output import emit, write
@@ -50,10 +52,10 @@ def finish(result, plan: GatePlan, output: Path | None, fmt: Any, table_format: 
         outcome = result.apply_gate(plan.rules)
     except Exception:
         if output is not None:
-            write(result, output, table_format, top)
+            write(result, output, table_format, top, quiet)
         raise
     if output is not None:
-        write(result, output, table_format, top)
+        write(result, output, table_format, top, quiet)
     result.append_step_summary(top)
     emit(result.pairs, result.summary, fmt, top)
     if not outcome["passed"]:

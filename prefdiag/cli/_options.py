@@ -27,9 +27,9 @@ Device = _choices("Device", options.DEVICES)
 Data = Annotated[
     str,
     typer.Argument(
+        metavar="DATA", show_default=False,
         help="Preference pairs: a .jsonl/.json/.csv/.parquet file, a save_to_disk directory, or a hub dataset id.",
-        show_default=False,
-    ),
+    ),  # fmt: skip
 ]
 Reference = Annotated[str, typer.Option("--reference", "-r", help="Reference model: a directory or hub id.")]
 OptionalReference = Annotated[
@@ -42,7 +42,7 @@ DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run the mo
 Shard = Annotated[
     bool,
     typer.Option(
-        "--shard",
+        "--shard", metavar="",
         help="Spread each model's layers over every visible GPU (transformers' device_map='auto'), for models "
         "larger than one GPU.",
     ),
@@ -64,10 +64,16 @@ LayoutOpt = Annotated[
     ),
 ]
 Tokenizer = Annotated[Optional[str], typer.Option(help="Tokenizer to use instead of the reference's.")]
-Revision = Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit) of the reference.")]
+Revision = Annotated[
+    Optional[str], typer.Option("--reference-revision", help="Hub revision (branch, tag or commit) of the reference.")
+]
+RevisionAlias = Annotated[Optional[str], typer.Option("--revision", hidden=True, help="--reference-revision's old name")]
 PolicyRevision = Annotated[Optional[str], typer.Option(help="Hub revision of the policy.")]
 TrustRemoteCode = Annotated[
-    bool, typer.Option("--trust-remote-code", help="Allow model/tokenizer code from the hub to run (off by default).")
+    bool,
+    typer.Option(
+        "--trust-remote-code", metavar="", help="Allow model/tokenizer code from the hub to run (off by default)."
+    ),
 ]
 Split = Annotated[Optional[str], typer.Option(help="Dataset split, for a hub dataset or a save_to_disk directory.")]
 IdColumn = Annotated[Optional[str], typer.Option(help="Column holding pair ids (default: 'id' if present).")]
@@ -107,13 +113,15 @@ TableFormatOpt = Annotated[
 ]
 Top = Annotated[int, typer.Option(help="How many worst pairs to show.")]
 NoCache = Annotated[
-    bool, typer.Option("--no-cache", help="Neither read nor write the per-pair log-prob cache.")
+    bool, typer.Option("--no-cache", metavar="", help="Neither read nor write the per-pair log-prob cache.")
 ]
 CacheDir = Annotated[
     Optional[str],
-    typer.Option(help="Log-prob cache directory [default: $PREFDIAG_CACHE_DIR or ~/.cache/prefdiag]."),
+    typer.Option(help="Log-prob cache directory \\[default: $PREFDIAG_CACHE_DIR or ~/.cache/prefdiag]."),
 ]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or logs on stderr.")]
+Quiet = Annotated[
+    bool, typer.Option("--quiet", "-q", metavar="", help="Nothing on stderr but errors: no progress, logs or file list")
+]
 MinRules = Annotated[
     Optional[list[str]],
     typer.Option(
@@ -134,8 +142,8 @@ GateFile = Annotated[
     Optional[Path],
     typer.Option(
         "--gate", metavar="FILE", dir_okay=False,
-        help="TOML file with a [gate] table of min_<metric> / max_<metric> keys (used instead of "
-        "[tool.prefdiag.gate] in ./pyproject.toml).",
+        help="TOML file with a \\[gate] table of min_<metric> / max_<metric> keys (used instead of "
+        "\\[tool.prefdiag.gate] in ./pyproject.toml).",
     ),
 ]  # fmt: skip
 Baseline = Annotated[

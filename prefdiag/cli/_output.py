@@ -89,8 +89,9 @@ def emit(pairs, summary: dict[str, Any], fmt: OutputFormat, top: int) -> None:
             print_report(stdout, pairs, summary, top)
 
 
-def write(result, out_dir: Path, table_format: str | None, top: int) -> list[Path]:
-    """Write the run's files into out_dir (RunResult.write) and say so on stderr."""
+def write(result, out_dir: Path, table_format: str | None, top: int, quiet: bool = False) -> list[Path]:
+    """Write the run's files into out_dir (RunResult.write) and say so on stderr (unless quiet)."""
     written = result.write(out_dir, table_format, top)
-    stderr.print(f"wrote {', '.join(p.name for p in written)} to {out_dir}", highlight=False, soft_wrap=True)
+    if not quiet:
+        stderr.print(f"wrote {', '.join(p.name for p in written)} to {out_dir}", highlight=False, soft_wrap=True)
     return written

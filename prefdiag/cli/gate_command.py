@@ -14,6 +14,7 @@ from prefdiag.cli._errors import handles_errors
 SavedRunArg = Annotated[
     Path,
     typer.Argument(
+        metavar="RUN",
         help="summary.json of an audit or compare run, or the --output directory holding it (with pairs.*).",
         show_default=False,
     ),
@@ -42,7 +43,7 @@ def gate(
     """Gate a saved run: check thresholds on its summary.json with no model and no GPU.
 
     Score on a GPU runner with `compare --output out/`, keep out/ as a CI artifact, and gate anywhere. Rules come
-    from --min/--max, a --gate TOML file or [tool.prefdiag.gate] in ./pyproject.toml; with none of these, the
+    from --min/--max, a --gate TOML file or \\[tool.prefdiag.gate] in ./pyproject.toml; with none of these, the
     rules the run itself was gated with are checked again. Exit 0 passed, 1 an error rule failed, 2 bad input.
 
     Example: prefdiag gate out/ --min ranking_accuracy=0.6 --max negative_margin_regime_rate=0.1:warn
@@ -72,7 +73,7 @@ def gate(
     summary = {k: v for k, v in saved.summary.items() if k != "gate"}
     # Without --baseline, a baseline comparison the run already made stays in the summary and can be gated.
     plan = GatePlan(rules, load_run(baseline) if baseline is not None else None)
-    finish(RunResult(saved.pairs, summary), plan, output, fmt, _table_format(saved, output), top)
+    finish(RunResult(saved.pairs, summary), plan, output, fmt, _table_format(saved, output), top, quiet)
 
 
 def _table_format(saved, output: Path | None) -> str | None:

@@ -26,10 +26,12 @@ def _options(**kwargs: Any):
     return RunOptions(columns=columns, **kwargs)
 
 
-def _finish(result, plan, output: Path | None, fmt: o.OutputFormat, table_format: o.TableFormat, top: int) -> None:
+def _finish(
+    result, plan, output: Path | None, fmt: o.OutputFormat, table_format: o.TableFormat, top: int, quiet: bool
+) -> None:
     from prefdiag.cli._finish import finish
 
-    finish(result, plan, output, fmt, table_format.value, top)
+    finish(result, plan, output, fmt, table_format.value, top, quiet)
 
 
 @handles_errors
@@ -45,6 +47,7 @@ def audit(
     shard: o.Shard = False,
     tokenizer: o.Tokenizer = None,
     revision: o.Revision = None,
+    revision_alias: o.RevisionAlias = None,
     trust_remote_code: o.TrustRemoteCode = False,
     split: o.Split = None,
     prompt_column: o.PromptColumn = "prompt",
@@ -87,14 +90,15 @@ def audit(
     options = _options(
         beta=beta, max_length=max_length, dtype=dtype, device=device, batch_tokens=batch_tokens, layout=layout,
         shard=shard,
-        tokenizer=tokenizer, reference_revision=revision, trust_remote_code=trust_remote_code, split=split,
+        tokenizer=tokenizer, reference_revision=revision or revision_alias, trust_remote_code=trust_remote_code,
+        split=split,
         prompt_column=prompt_column, chosen_column=chosen_column, rejected_column=rejected_column,
         id_column=id_column, cache=not no_cache, cache_dir=cache_dir, data_format=data_format, group_by=group_by,
     )  # fmt: skip
     plan = prepare("audit", run_mode("audit", reference is not None), min_rules, max_rules, gate_file, baseline)
     with ProgressBars(quiet) as progress:
         result = api.audit(data, reference, options, progress)
-    _finish(result, plan, output, fmt, table_format, top)
+    _finish(result, plan, output, fmt, table_format, top, quiet)
 
 
 @handles_errors
@@ -111,6 +115,7 @@ def compare(
     shard: o.Shard = False,
     tokenizer: o.Tokenizer = None,
     revision: o.Revision = None,
+    revision_alias: o.RevisionAlias = None,
     policy_revision: o.PolicyRevision = None,
     trust_remote_code: o.TrustRemoteCode = False,
     split: o.Split = None,
@@ -151,7 +156,7 @@ def compare(
     options = _options(
         beta=beta, max_length=max_length, dtype=dtype, device=device, batch_tokens=batch_tokens, layout=layout,
         shard=shard,
-        tokenizer=tokenizer, reference_revision=revision, policy_revision=policy_revision,
+        tokenizer=tokenizer, reference_revision=revision or revision_alias, policy_revision=policy_revision,
         trust_remote_code=trust_remote_code, split=split, prompt_column=prompt_column,
         chosen_column=chosen_column, rejected_column=rejected_column, id_column=id_column,
         cache=not no_cache, cache_dir=cache_dir, data_format=data_format, group_by=group_by,
@@ -159,4 +164,4 @@ def compare(
     plan = prepare("compare", run_mode("compare", True), min_rules, max_rules, gate_file, baseline)
     with ProgressBars(quiet) as progress:
         result = api.compare(data, reference, policy, options, progress)
-    _finish(result, plan, output, fmt, table_format, top)
+    _finish(result, plan, output, fmt, table_format, top, quiet)
