@@ -189,6 +189,7 @@ def _source(label: str, model: Model, reference: Model | None, options: RunOptio
     if label == "policy" and isinstance(reference, (str, Path)) and models.is_adapter(name):
         return PathModel(label, str(reference), options.reference_revision, loaded, adapter=name)
     models.check_model_path(name, label)
+    models.check_model_dir(name, label)
     revision = options.reference_revision if label == "reference" else options.policy_revision
     return PathModel(label, name, revision, loaded)
 

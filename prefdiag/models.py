@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,22 @@ def check_model_path(name: str, what: str) -> None:
         raise ModelError(f"{what} path {name!r} does not exist")
 
 
+def check_model_dir(name: str, what: str) -> None:
+    """Refuse a local directory that holds no model (no config.json, and not a PEFT adapter)."""
+    path = Path(name)
+    if path.is_dir() and not (path / "config.json").is_file() and not is_adapter(name):
+        raise ModelError(f"{what} {name!r} is not a model directory (no config.json)")
+
+
+def hub_hint(name: str) -> str | None:
+    """The hint for a model or tokenizer that could not be fetched: offline, or not downloaded yet."""
+    if Path(name).exists():
+        return None
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return f"HF_HUB_OFFLINE is set: download it first (hf download {name}) or pass a local directory"
+    return f"check the hub id and the network, or download it first (hf download {name}) and pass the local directory"
+
+
 def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code: bool = False):
     """Load the tokenizer of a model directory or hub id."""
     from transformers import AutoTokenizer
@@ -105,7 +122,7 @@ def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code:
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a missing tokenizer
         raise ModelError(
             f"cannot load a tokenizer from {name!r}: {first_line(exc)}",
-            hint="pass --tokenizer with a directory or hub id that has one",
+            hint=hub_hint(name) or "pass --tokenizer with a directory or hub id that has one",
         ) from exc
     if isinstance(tokenizer, bool) or not callable(tokenizer):
         raise ModelError(f"{name!r} has no usable tokenizer", hint="pass --tokenizer")
@@ -140,7 +157,7 @@ def load_model(
                 raise
             model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="eager", **kwargs)
     except Exception as exc:
-        raise ModelError(f"cannot load {what} {name!r}: {first_line(exc)}") from exc
+        raise ModelError(f"cannot load {what} {name!r}: {first_line(exc)}", hint=hub_hint(name)) from exc
     if not shard:
         model.to(device)
     model.eval()
@@ -179,7 +196,7 @@ def model_identity(
         try:
             commit = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)._commit_hash
         except Exception as exc:
-            raise ModelError(f"cannot read the config of {name!r}: {first_line(exc)}") from exc
+            raise ModelError(f"cannot read the config of {name!r}: {first_line(exc)}", hint=hub_hint(name)) from exc
     identity = {
         "name": str(Path(name).resolve()) if Path(name).is_dir() else name,
         "revision": revision,

@@ -140,3 +140,26 @@ def test_click_usage_errors_are_one_line_exit_2(args, message):
     assert result.exit_code == 2
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.stderr
+
+
+def test_a_folder_without_config_is_not_a_model_directory(tmp_path):
+    empty = tmp_path / "just-a-folder"
+    empty.mkdir()
+    result = runner.invoke(app, ["audit", str(SAMPLE / "pairs.jsonl"), "-r", str(empty)])
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[0] == f"Error: reference {str(empty)!r} is not a model directory (no config.json)"
+
+
+def test_a_hub_model_offline_is_one_line_with_the_hint():
+    import subprocess
+    import sys
+
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "prefdiag", "audit", str(SAMPLE / "pairs.jsonl"), "-r",
+                           "no-such-org/no-such-model"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[0].startswith("Error: cannot load a tokenizer from 'no-such-org/no-such-model'")
+    assert lines[1].startswith("Hint: HF_HUB_OFFLINE is set: download it first") and len(lines) == 2
+    assert time.monotonic() - started < 60  # no retries
