@@ -91,7 +91,8 @@ def _run(
         pairs = data if isinstance(data, PairData) else load_pairs(
             data, split=options.split, columns=options.columns, data_format=options.data_format
         )
-    _check_group_column(pairs.table, options.group_by)
+    group_column = _group_column(pairs.table, options)
+    _check_group_column(pairs.table, group_column)
     with phase("model_free_checks"):
         features = checks.text_features(pairs.table)  # model-free checks: before any model is loaded
     table = pairs.table[["pair_id"]].copy()
@@ -110,7 +111,7 @@ def _run(
         summary = summarize(table, options.beta)
         summary["verdict"] = verdict(summary)
         if options.group_by is not None:
-            summary["groups"] = summarize_groups(table, options.group_by, options.beta)
+            summary["groups"] = summarize_groups(table, group_column, options.beta)
     summary = {
         "schema_version": SCHEMA_VERSION,
         "command": command,
@@ -320,14 +321,29 @@ def _wanted_extras(settings) -> tuple[str, ...]:
 MAX_GROUPS = 1000
 
 
+def _group_column(table: pd.DataFrame, options: RunOptions) -> str | None:
+    """The table column --group-by names: a data column, or an input column's name as the user knows it (``id``, or
+    the --id/--prompt/--chosen/--rejected-column names, for pair_id, prompt, chosen, rejected)."""
+    column = options.group_by
+    if column is None or column in table.columns:
+        return column
+    columns = options.columns
+    aliases = {columns.id or "id": "pair_id", columns.prompt: "prompt", columns.chosen: "chosen",
+               columns.rejected: "rejected"}  # fmt: skip
+    return aliases.get(column, column)
+
+
 def _check_group_column(table: pd.DataFrame, column: str | None) -> None:
     """--group-by must name a data column of plain values with at most MAX_GROUPS distinct values."""
     if column is None:
         return
     if column not in table.columns:
-        raise UsageError(
-            f"--group-by: no column {column!r}; the columns are: {', '.join(map(str, table.columns))}"
-        )
+        import difflib
+
+        names = list(map(str, table.columns))
+        close = difflib.get_close_matches(column, names, n=1, cutoff=0.6)
+        suggestion = f"; did you mean {close[0]!r}?" if close else ""
+        raise UsageError(f"--group-by: no column {column!r}; the columns are: {', '.join(names)}{suggestion}")
     values = table[column]
     nested = isinstance(values.dtype, pd.ArrowDtype) and values.dtype.pyarrow_dtype.num_fields > 0
     try:

@@ -194,7 +194,8 @@ def model_identity(
         from transformers import AutoConfig
 
         try:
-            commit = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)._commit_hash
+            config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+            commit = config._commit_hash
         except Exception as exc:
             raise ModelError(f"cannot read the config of {name!r}: {first_line(exc)}", hint=hub_hint(name)) from exc
     identity = {

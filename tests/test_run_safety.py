@@ -163,3 +163,19 @@ def test_a_hub_model_offline_is_one_line_with_the_hint():
     assert lines[0].startswith("Error: cannot load a tokenizer from 'no-such-org/no-such-model'")
     assert lines[1].startswith("Hint: HF_HUB_OFFLINE is set: download it first") and len(lines) == 2
     assert time.monotonic() - started < 60  # no retries
+
+
+def test_group_by_takes_input_names_and_suggests_a_close_one(tmp_path):
+    rows = [{"id": f"p{i}", "question": "q?", "chosen": " a.", "rejected": " b.", "topic": "x" if i % 2 else "y"}
+            for i in range(6)]  # fmt: skip
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["audit", str(path), "--prompt-column", "question", "--group-by", "id", "-q",
+                                 "-o", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    groups = json.loads((out / "summary.json").read_text())["groups"]
+    assert groups["column"] == "pair_id" and sorted(groups["values"]) == [f"p{i}" for i in range(6)]
+    result = runner.invoke(app, ["audit", str(path), "--prompt-column", "question", "--group-by", "topc"])
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[0].endswith("did you mean 'topic'?")

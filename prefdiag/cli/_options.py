@@ -67,7 +67,7 @@ Tokenizer = Annotated[Optional[str], typer.Option(help="Tokenizer to use instead
 Revision = Annotated[
     Optional[str], typer.Option("--reference-revision", help="Hub revision (branch, tag or commit) of the reference.")
 ]
-RevisionAlias = Annotated[Optional[str], typer.Option("--revision", hidden=True, help="--reference-revision's old name")]
+RevisionAlias = Annotated[Optional[str], typer.Option("--revision", hidden=True, help="Old --reference-revision")]
 PolicyRevision = Annotated[Optional[str], typer.Option(help="Hub revision of the policy.")]
 TrustRemoteCode = Annotated[
     bool,
