@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import inspect
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,7 +35,8 @@ import numpy as np
 import torch
 
 from prefdiag import flex
-from prefdiag.errors import RunError, first_line
+from prefdiag.ches import ResponseSums
+from prefdiag.errors import ModelError, RunError, UsageError, first_line
 from prefdiag.rows import (  # noqa: F401  (re-exported: tests and api import them from here)
     _CHOSEN,
     _PAD,
@@ -84,6 +86,7 @@ class ScoreSettings:
     pack_tokens: int = 4096  # "packed": the row length (at least the longest pair, at most batch_tokens)
     padding_side: str = "right"
     head_chunk_bytes: int = 256 * 2**20  # upper bound for one fp32 logits chunk
+    ches: bool = False  # also sum the hidden states of each response: extras "ches" and "ches_norm" (prefdiag.ches)
 
 
 class LogProbScorer:
@@ -140,6 +143,12 @@ class LogProbScorer:
             (c == r for c, r in zip(tokenized.chosen_ids, tokenized.rejected_ids)), dtype=bool, count=len(tokenized)
         )
         rows_left = np.bincount([row.pair for row in rows], minlength=len(tokenized))
+        self.extras = {}
+        sums = ResponseSums() if self.settings.ches else None
+        if sums is not None:
+            self.extras = {"ches": np.full(len(tokenized), np.nan), "ches_norm": np.full(len(tokenized), np.nan)}
+        if rows:
+            self._refuse_rows_beyond_memory(rows)
         if not self._checked_head and rows:
             self._check_head_path(rows[0])
         batches = self._plan(rows, _longest_first(rows))  # longest first: an out-of-memory comes early
@@ -148,7 +157,7 @@ class LogProbScorer:
             bins = batches[done_batches]
             started = time.perf_counter()
             try:
-                values, slots = self._forward([[rows[k] for k in b] for b in bins])
+                values, slots, hidden_sums = self._forward([[rows[k] for k in b] for b in bins])
             except Exception as exc:
                 self._recover(exc, sum(map(len, bins)), max(sum(len(rows[k].input_ids) for k in b) for b in bins))
                 batches = self._plan(rows, _longest_first(rows, batches[done_batches:]))  # the rest, re-planned
@@ -166,6 +175,9 @@ class LogProbScorer:
             done = np.unique(batch_pairs[rows_left[batch_pairs] == 0])
             tied = done[same[done]]
             totals[2 * tied + 1] = totals[2 * tied]  # before anything is saved: a cached tie stays a tie
+            if sums is not None:
+                sums.add(*hidden_sums)
+                self.extras["ches"][done], self.extras["ches_norm"][done] = sums.finish(done, same[done])
             if on_pairs_done is not None and len(done):
                 on_pairs_done(done, totals[2 * done], totals[2 * done + 1], {k: v[done] for k, v in self.extras.items()})
             if progress is not None:
@@ -233,9 +245,10 @@ class LogProbScorer:
         self.settings = dataclasses.replace(self.settings, batch_tokens=budget)
         log.warning("out of memory on a batch of %d rows; batch budget now %d tokens", batch_rows, budget)
 
-    def _forward(self, bins: list[list[_Row]]) -> tuple[np.ndarray, np.ndarray]:
+    def _forward(self, bins: list[list[_Row]]) -> tuple[np.ndarray, np.ndarray, tuple | None]:
         """One padded forward pass over model rows, each holding the rows of one bin back to back; returns
-        per-token log-probs (fp32 -> float64) and their output slots."""
+        per-token log-probs (fp32 -> float64), their output slots, and with ``ches`` (slots, the float64 sums [k, D]
+        of the hidden states that predict each slot's tokens, their token counts), else None."""
         packed = self.settings.layout == "packed"
         batch = len(bins)
         if packed:
@@ -279,12 +292,23 @@ class LogProbScorer:
         positions = {} if position_ids is None else {"position_ids": position_ids}
         flat_predict_t = torch.from_numpy(np.concatenate(flat_predict)).to(device)
         targets_t = torch.from_numpy(np.concatenate(targets)).to(device)
+        slots_np = np.concatenate(slots)
+        hidden_sums = None
+        if self.settings.ches:  # each slot's local index in this batch: the rows of its sum
+            ches_slots, local, counts = np.unique(slots_np, return_inverse=True, return_counts=True)
+            hidden_sums = (ches_slots, torch.from_numpy(local.astype(np.int64)), counts)
 
         if self.use_full_forward:
-            with attention:
-                logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False, **positions).logits
+            with attention, self._head_inputs_captured(hidden_sums is not None) as captured:
+                out = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False, **positions,
+                                 **({"output_hidden_states": True} if captured.get("fallback") else {}))
+            logits = out.logits
             selected = logits.reshape(batch * length, -1)[flat_predict_t.to(logits.device)]
             token_logps = self._logps_from_logits(selected, targets_t.to(logits.device))
+            if hidden_sums is not None:
+                hidden = captured["input"] if "input" in captured else out.hidden_states[-1]
+                selected = hidden.reshape(batch * length, -1)[flat_predict_t.to(hidden.device)]
+                hidden_sums = self._summed(selected, *hidden_sums)
         else:
             with attention:
                 hidden = self.body(
@@ -293,7 +317,43 @@ class LogProbScorer:
             head_device = self.head.weight.device
             selected = hidden.reshape(batch * length, -1)[flat_predict_t.to(hidden.device)].to(head_device)
             token_logps = self._head_logps(selected, targets_t.to(head_device))
-        return token_logps.double().cpu().numpy(), np.concatenate(slots)
+            if hidden_sums is not None:
+                hidden_sums = self._summed(selected, *hidden_sums)
+        return token_logps.double().cpu().numpy(), slots_np, hidden_sums
+
+    @contextlib.contextmanager
+    def _head_inputs_captured(self, wanted: bool):
+        """Within the block, ``captured["input"]`` is the tensor the LM head was called on (the last hidden states
+        after the final norm); ``captured["fallback"]`` is True where no head module can be hooked, so that the
+        caller asks the model for its hidden states instead."""
+        captured: dict = {}
+        if not wanted:
+            yield captured
+            return
+        if self.head is None:
+            captured["fallback"] = True
+            yield captured
+            return
+
+        def keep(module, args):
+            captured.setdefault("input", args[0])
+
+        handle = self.head.register_forward_pre_hook(keep)
+        try:
+            yield captured
+        finally:
+            handle.remove()
+
+    def _summed(self, selected: torch.Tensor, slots: np.ndarray, local: torch.Tensor, counts: np.ndarray) -> tuple:
+        """(slots, float64 sums [k, D], counts) of the selected hidden states [N, D] by local slot index, added in
+        chunks with index_add (fp64, fp32 on devices without it): no copy of the whole selection."""
+        dtype = torch.float32 if selected.device.type == "mps" else torch.float64
+        sums = torch.zeros(len(slots), selected.shape[1], dtype=dtype, device=selected.device)
+        local = local.to(selected.device)
+        chunk = max(1, self.settings.head_chunk_bytes // (8 * selected.shape[1]))
+        for start in range(0, selected.shape[0], chunk):
+            sums.index_add_(0, local[start : start + chunk], selected[start : start + chunk].to(dtype))
+        return slots, sums.double().cpu().numpy(), counts
 
     def _attention_masks(
         self, docs: torch.Tensor, segments: torch.Tensor, position_ids: torch.Tensor
@@ -360,19 +420,58 @@ class LogProbScorer:
             out[start:stop] = self._logps_from_logits(logits, targets[start:stop])
         return out
 
+    def _model_name(self) -> str:
+        return getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__
+
+    def _name_non_finite_weights(self) -> None:
+        """Raise a ModelError naming the model and its first weight holding NaN or inf, if there is one."""
+        bad = [name for name, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            raise ModelError(
+                f"model {self._model_name()}: its weights hold NaN or inf ({bad[0]}{more})",
+                hint="the checkpoint is corrupt or diverged in training; load another one",
+            )
+
     @staticmethod
     def _logps_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
+    def _refuse_rows_beyond_memory(self, rows: list[_Row]) -> None:
+        """Refuse, before any forward pass, a row whose attention mask or logits alone would not fit in the device's
+        memory (a 10 MB pair would otherwise try to allocate terabytes), naming its pair and token count."""
+        longest = max(rows, key=lambda row: len(row.input_ids))
+        length = len(longest.input_ids)
+        config = self.model.config
+        width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 0
+        need = 4 * length * width * next(self.model.parameters()).element_size()  # a few activations
+        if self.windows is not None and self.settings.layout != "packed":
+            need += length * length  # the dense [L, L] boolean mask, the least the 4D-mask path builds
+        if self.use_full_forward:
+            need += 4 * length * (getattr(config, "vocab_size", 0) or 0)  # fp32 logits of every position
+        have = _device_memory_bytes(self.device)
+        if have is not None and need > have:
+            raise UsageError(
+                f"row {longest.pair + 1}: the pair is {length} tokens long; scoring it needs more than "
+                f"{need / 2**30:,.0f} GiB, and the {self.device.type} device has {have / 2**30:,.0f} GiB",
+                hint="use --max-length to truncate long pairs (as TRL's max_length does)",
+            )
+
     def _check_head_path(self, row: _Row) -> None:
-        """Check once that body + head reproduces the model's own logits; if not, fall back to full forwards."""
+        """Check once that body + head reproduces the model's own logits; if not, fall back to full forwards.
+        Non-finite logits name the model: as a ModelError when its weights hold NaN/inf, else a warning (the run
+        goes on and the affected pairs come out non-finite)."""
         self._checked_head = True
         if self.use_full_forward:
             return
         n = min(len(row.input_ids), 16)
         ids = torch.from_numpy(row.input_ids[:n][None]).to(self.device)
         full = self.model(input_ids=ids, use_cache=False).logits[0].float()
+        if not bool(torch.isfinite(full).all()):
+            self._name_non_finite_weights()
+            log.warning("%s gives NaN/inf logits on the first pair; such pairs come out non-finite", self._model_name())
+            return
         hidden = self.body(input_ids=ids, use_cache=False).last_hidden_state[0]
         ours = self._head_logits(hidden.to(self.head.weight.device)).to(full.device)
         scale = float(full.abs().max().clamp_min(1.0))
@@ -383,3 +482,15 @@ class LogProbScorer:
                 type(self.model).__name__,
             )
             self.use_full_forward = True
+
+
+def _device_memory_bytes(device: torch.device) -> int | None:
+    """Total memory of the device (host RAM for the CPU), None where it cannot be known."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (RuntimeError, ValueError, OSError, AttributeError):
+        return None
+    return None
