@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,7 +34,9 @@ import torch
 
 from prefdiag import flex
 from prefdiag.ches import ResponseSums
-from prefdiag.errors import ModelError, RunError, UsageError, first_line
+from prefdiag.engine_checks import model_name, name_non_finite_weights, refuse_rows_beyond_memory
+from prefdiag.errors import RunError, first_line
+from prefdiag.masks import attention_windows, dense_masks  # noqa: F401  (attention_windows: re-exported)
 from prefdiag.rows import (  # noqa: F401  (re-exported: tests and api import them from here)
     _CHOSEN,
     _PAD,
@@ -52,30 +52,6 @@ from prefdiag.rows import (  # noqa: F401  (re-exported: tests and api import th
 from prefdiag.tokenization import TokenizedPairs
 
 log = logging.getLogger(__name__)
-
-_ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}
-
-
-def attention_windows(model: torch.nn.Module) -> dict[str, int | None] | None:
-    """How far back each kind of layer attends: {layer type: window or None for no window}, the single key ``""``
-    when the model takes one mask for all layers. None when our masks cannot describe the model: a layer that is not
-    attention, ALiBi (its bias follows token indices, not positions), or no ``position_ids`` input."""
-    config = model.config
-    if getattr(config, "alibi", False) or "position_ids" not in inspect.signature(model.forward).parameters:
-        return None
-    layer_types = getattr(config, "layer_types", None)
-    window = getattr(config, "sliding_window", None)
-    if layer_types is not None:
-        kinds = set(layer_types)
-        if not kinds <= _ATTENTION_LAYER_TYPES:
-            return None
-        if kinds == {"full_attention"}:
-            return {"": None}
-        return {kind: (window if kind == "sliding_attention" else None) for kind in kinds}
-    if any(hasattr(config, name) for name in ("state_size", "ssm_state_size", "conv_kernel", "layers_block_type")):
-        return None  # state-space or hybrid models without layer_types
-    return {"": window or None}
-
 
 @dataclass(frozen=True)
 class ScoreSettings:
@@ -148,7 +124,9 @@ class LogProbScorer:
         if sums is not None:
             self.extras = {"ches": np.full(len(tokenized), np.nan), "ches_norm": np.full(len(tokenized), np.nan)}
         if rows:
-            self._refuse_rows_beyond_memory(rows)
+            dense = self.windows is not None and self.settings.layout != "packed"
+            refuse_rows_beyond_memory(self.model, rows, self.device, dense_mask=dense,
+                                      full_logits=self.use_full_forward)
         if not self._checked_head and rows:
             self._check_head_path(rows[0])
         batches = self._plan(rows, _longest_first(rows))  # longest first: an out-of-memory comes early
@@ -288,7 +266,8 @@ class LogProbScorer:
                 mask = flex.block_masks(docs_t, segments, position_ids, self.windows, _CHOSEN, _REJECTED)
                 attention = flex.attention_switched_on(self.model)
             else:
-                mask = self._attention_masks(docs_t, segments, position_ids)
+                dtype = next(self.model.parameters()).dtype
+                mask = dense_masks(docs_t, segments, position_ids, self.windows, self.attn_implementation, dtype)
         positions = {} if position_ids is None else {"position_ids": position_ids}
         flat_predict_t = torch.from_numpy(np.concatenate(flat_predict)).to(device)
         targets_t = torch.from_numpy(np.concatenate(targets)).to(device)
@@ -355,38 +334,6 @@ class LogProbScorer:
             sums.index_add_(0, local[start : start + chunk], selected[start : start + chunk].to(dtype))
         return slots, sums.double().cpu().numpy(), counts
 
-    def _attention_masks(
-        self, docs: torch.Tensor, segments: torch.Tensor, position_ids: torch.Tensor
-    ) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Dense [B,1,L,L] masks under ``flex.visible``, plus the diagonal, so that a padding query sees itself and
-        no softmax row is empty. One mask per layer type where the model has several."""
-        length = segments.shape[1]
-        idx = torch.arange(length, device=segments.device)
-        eye = torch.eye(length, dtype=torch.bool, device=segments.device)[None]
-        windowed = any(w is not None for w in self.windows.values())
-        farthest = int(position_ids.max()) if windowed else 0  # distances are position differences
-        masks, built = {}, {}
-        for kind, window in self.windows.items():
-            window = window if window is not None and farthest >= window else None  # a window nothing reaches
-            if window not in built:
-                allowed = flex.visible(
-                    docs[:, :, None], docs[:, None, :], segments[:, :, None], segments[:, None, :], idx[:, None],
-                    idx[None, :], position_ids[:, :, None], position_ids[:, None, :], window, _CHOSEN, _REJECTED,
-                )  # fmt: skip
-                built[window] = self._mask_values(allowed | eye)
-            masks[kind] = built[window]
-        return masks[""] if "" in masks else masks
-
-    def _mask_values(self, allowed: torch.Tensor) -> torch.Tensor:
-        """A boolean [B,L,L] mask in the form the attention kernel takes, with the head axis added."""
-        allowed = allowed[:, None]
-        if self.attn_implementation == "sdpa":
-            return allowed
-        # eager (and other additive-mask kernels): 0 where allowed, the dtype's minimum elsewhere
-        dtype = next(self.model.parameters()).dtype
-        additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        return additive.masked_fill_(~allowed, torch.finfo(dtype).min)
-
     def _head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head on selected hidden states, returned in fp32, with the model's own logit transforms."""
         weight = self.head.weight
@@ -420,43 +367,10 @@ class LogProbScorer:
             out[start:stop] = self._logps_from_logits(logits, targets[start:stop])
         return out
 
-    def _model_name(self) -> str:
-        return getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__
-
-    def _name_non_finite_weights(self) -> None:
-        """Raise a ModelError naming the model and its first weight holding NaN or inf, if there is one."""
-        bad = [name for name, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
-        if bad:
-            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-            raise ModelError(
-                f"model {self._model_name()}: its weights hold NaN or inf ({bad[0]}{more})",
-                hint="the checkpoint is corrupt or diverged in training; load another one",
-            )
-
     @staticmethod
     def _logps_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-
-    def _refuse_rows_beyond_memory(self, rows: list[_Row]) -> None:
-        """Refuse, before any forward pass, a row whose attention mask or logits alone would not fit in the device's
-        memory (a 10 MB pair would otherwise try to allocate terabytes), naming its pair and token count."""
-        longest = max(rows, key=lambda row: len(row.input_ids))
-        length = len(longest.input_ids)
-        config = self.model.config
-        width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 0
-        need = 4 * length * width * next(self.model.parameters()).element_size()  # a few activations
-        if self.windows is not None and self.settings.layout != "packed":
-            need += length * length  # the dense [L, L] boolean mask, the least the 4D-mask path builds
-        if self.use_full_forward:
-            need += 4 * length * (getattr(config, "vocab_size", 0) or 0)  # fp32 logits of every position
-        have = _device_memory_bytes(self.device)
-        if have is not None and need > have:
-            raise UsageError(
-                f"row {longest.pair + 1}: the pair is {length} tokens long; scoring it needs more than "
-                f"{need / 2**30:,.0f} GiB, and the {self.device.type} device has {have / 2**30:,.0f} GiB",
-                hint="use --max-length to truncate long pairs (as TRL's max_length does)",
-            )
 
     def _check_head_path(self, row: _Row) -> None:
         """Check once that body + head reproduces the model's own logits; if not, fall back to full forwards.
@@ -469,8 +383,9 @@ class LogProbScorer:
         ids = torch.from_numpy(row.input_ids[:n][None]).to(self.device)
         full = self.model(input_ids=ids, use_cache=False).logits[0].float()
         if not bool(torch.isfinite(full).all()):
-            self._name_non_finite_weights()
-            log.warning("%s gives NaN/inf logits on the first pair; such pairs come out non-finite", self._model_name())
+            name_non_finite_weights(self.model)
+            log.warning("%s gives NaN/inf logits on the first pair; such pairs come out non-finite",
+                        model_name(self.model))
             return
         hidden = self.body(input_ids=ids, use_cache=False).last_hidden_state[0]
         ours = self._head_logits(hidden.to(self.head.weight.device)).to(full.device)
@@ -483,14 +398,3 @@ class LogProbScorer:
             )
             self.use_full_forward = True
 
-
-def _device_memory_bytes(device: torch.device) -> int | None:
-    """Total memory of the device (host RAM for the CPU), None where it cannot be known."""
-    try:
-        if device.type == "cuda":
-            return torch.cuda.get_device_properties(device).total_memory
-        if device.type == "cpu":
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (RuntimeError, ValueError, OSError, AttributeError):
-        return None
-    return None
