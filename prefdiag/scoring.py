@@ -91,6 +91,7 @@ class LogProbScorer:
             log.info("the packed layout is meant for CUDA; on %s its attention runs unfused and slowly", self.device)
         self._fp32_out_mm = self.device.type == "cuda"
         self._checked_head = False
+        self._checked_weights = False
         self.batches_done = 0
         self.first_batch_seconds = 0.0
         self.tokens = {"real": 0, "computed": 0}  # model inputs: real tokens, and real plus padding
@@ -147,6 +148,10 @@ class LogProbScorer:
                     log.info("first batch, compiling the attention kernel included: %.1f s", self.first_batch_seconds)
             done_batches += 1
             self.batches_done += 1
+            if not self._checked_weights and not np.isfinite(values).all():
+                self._checked_weights = True  # NaN weights are named; other non-finite pairs go on, to be flagged
+                name_non_finite_weights(self.model)
+                log.warning("%s: some log-probs are NaN or inf", model_name(self.model))
             np.add.at(totals, slots, values)
             batch_pairs = np.array([rows[k].pair for b in bins for k in b])
             np.subtract.at(rows_left, batch_pairs, 1)
@@ -314,10 +319,10 @@ class LogProbScorer:
             yield captured
             return
 
-        def keep(module, args):
-            captured.setdefault("input", args[0])
+        def keep(module, args, kwargs):
+            captured.setdefault("input", args[0] if args else next(iter(kwargs.values())))
 
-        handle = self.head.register_forward_pre_hook(keep)
+        handle = self.head.register_forward_pre_hook(keep, with_kwargs=True)
         try:
             yield captured
         finally:
@@ -397,4 +402,3 @@ class LogProbScorer:
                 type(self.model).__name__,
             )
             self.use_full_forward = True
-

@@ -158,3 +158,17 @@ def test_a_pair_too_long_for_any_memory_is_refused_up_front_naming_its_row(model
         LogProbScorer(model).score(tokenized)
     assert "--max-length" in info.value.hint
     assert time.perf_counter() - started < 30  # fails fast: no forward pass was tried
+
+
+def test_weights_with_nan_are_named_on_the_full_forward_path_too(model_dirs, pairs_file):
+    import torch
+
+    from prefdiag.errors import ModelError
+
+    tokenizer, model = _load(model_dirs, "gpt2")
+    with torch.no_grad():
+        model.transformer.h[0].attn.c_attn.weight[0, 0] = float("inf")
+    scorer = LogProbScorer(model)
+    scorer.use_full_forward = True  # no head-path check runs: the first batch's log-probs reveal it
+    with pytest.raises(ModelError, match=r"its weights hold NaN or inf \(transformer\.h\.0\.attn\.c_attn\.weight\)"):
+        scorer.score(_tokenized(tokenizer, pairs_file))
