@@ -162,7 +162,8 @@ class LogProbScorer:
                 sums.add(*hidden_sums)
                 self.extras["ches"][done], self.extras["ches_norm"][done] = sums.finish(done, same[done])
             if on_pairs_done is not None and len(done):
-                on_pairs_done(done, totals[2 * done], totals[2 * done + 1], {k: v[done] for k, v in self.extras.items()})
+                done_extras = {name: values[done] for name, values in self.extras.items()}
+                on_pairs_done(done, totals[2 * done], totals[2 * done + 1], done_extras)
             if progress is not None:
                 progress(len(done))
         chosen, rejected = totals[0::2].copy(), totals[1::2].copy()
