@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -34,39 +33,25 @@ import numpy as np
 import torch
 
 from prefdiag import flex
+from prefdiag.ches import ResponseSums
+from prefdiag.engine_checks import model_name, name_non_finite_weights, refuse_rows_beyond_memory
 from prefdiag.errors import RunError, first_line
+from prefdiag.masks import attention_windows, dense_masks  # noqa: F401  (attention_windows: re-exported)
+from prefdiag.rows import (  # noqa: F401  (re-exported: tests and api import them from here)
+    _CHOSEN,
+    _PAD,
+    _PROMPT,
+    _REJECTED,
+    LAYOUTS,
+    _longest_first,
+    _Row,
+    build_rows,
+    next_batch,
+    pack_rows,
+)
 from prefdiag.tokenization import TokenizedPairs
 
 log = logging.getLogger(__name__)
-
-LAYOUTS = ("prefix", "packed", "separate")
-
-# Segment codes inside a packed row.
-_PROMPT, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, 3
-
-_ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}
-
-
-def attention_windows(model: torch.nn.Module) -> dict[str, int | None] | None:
-    """How far back each kind of layer attends: {layer type: window or None for no window}, the single key ``""``
-    when the model takes one mask for all layers. None when our masks cannot describe the model: a layer that is not
-    attention, ALiBi (its bias follows token indices, not positions), or no ``position_ids`` input."""
-    config = model.config
-    if getattr(config, "alibi", False) or "position_ids" not in inspect.signature(model.forward).parameters:
-        return None
-    layer_types = getattr(config, "layer_types", None)
-    window = getattr(config, "sliding_window", None)
-    if layer_types is not None:
-        kinds = set(layer_types)
-        if not kinds <= _ATTENTION_LAYER_TYPES:
-            return None
-        if kinds == {"full_attention"}:
-            return {"": None}
-        return {kind: (window if kind == "sliding_attention" else None) for kind in kinds}
-    if any(hasattr(config, name) for name in ("state_size", "ssm_state_size", "conv_kernel", "layers_block_type")):
-        return None  # state-space or hybrid models without layer_types
-    return {"": window or None}
-
 
 @dataclass(frozen=True)
 class ScoreSettings:
@@ -77,114 +62,7 @@ class ScoreSettings:
     pack_tokens: int = 4096  # "packed": the row length (at least the longest pair, at most batch_tokens)
     padding_side: str = "right"
     head_chunk_bytes: int = 256 * 2**20  # upper bound for one fp32 logits chunk
-
-
-@dataclass
-class _Row:
-    """One model input row and the completion tokens it scores."""
-
-    input_ids: np.ndarray  # [L]
-    position_ids: np.ndarray  # [L]
-    segments: np.ndarray  # [L] segment code per token
-    predict_at: np.ndarray  # [N] row index whose hidden state predicts the token
-    targets: np.ndarray  # [N] token id predicted
-    slots: np.ndarray  # [N] output slot: 2*pair (chosen) or 2*pair+1 (rejected)
-    pair: int  # the pair this row belongs to
-
-
-def _completion_targets(start: int, ids: Sequence[int], first_predictor: int, slot: int):
-    """Targets for completion tokens laid at row[start:start+len(ids)], the first predicted from first_predictor."""
-    n = len(ids)
-    predict_at = np.arange(start - 1, start + n - 1, dtype=np.int64)
-    if n:
-        predict_at[0] = first_predictor
-    targets = np.asarray(ids, dtype=np.int64)
-    keep = predict_at >= 0  # a sequence's first token has no predictor (TRL never scores it either)
-    return predict_at[keep], targets[keep], np.full(int(keep.sum()), slot, dtype=np.int64)
-
-
-def build_rows(tokenized: TokenizedPairs, layout: str = "prefix", pairs: Sequence[int] | None = None) -> list[_Row]:
-    """Lay the given pairs (default: all) out as model rows for the chosen layout; dropped pairs get no row."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
-    rows: list[_Row] = []
-    for i in range(len(tokenized)) if pairs is None else pairs:
-        if tokenized.dropped[i]:
-            continue
-        prompt = tokenized.prompt_ids[i]
-        chosen = tokenized.chosen_ids[i]
-        rejected = tokenized.rejected_ids[i]
-        p = len(prompt)
-        if layout == "separate":
-            for side, completion in ((0, chosen), (1, rejected)):
-                ids = np.asarray(list(prompt) + list(completion), dtype=np.int64)
-                segments = np.full(len(ids), _PROMPT, dtype=np.int8)
-                segments[p:] = _CHOSEN
-                pa, tg, sl = _completion_targets(p, completion, p - 1, 2 * i + side)
-                rows.append(_Row(ids, np.arange(len(ids), dtype=np.int64), segments, pa, tg, sl, i))
-        else:
-            c, r = len(chosen), len(rejected)
-            ids = np.asarray(list(prompt) + list(chosen) + list(rejected), dtype=np.int64)
-            positions = np.concatenate(
-                [np.arange(p + c, dtype=np.int64), np.arange(p, p + r, dtype=np.int64)]
-            )
-            segments = np.concatenate(
-                [
-                    np.full(p, _PROMPT, dtype=np.int8),
-                    np.full(c, _CHOSEN, dtype=np.int8),
-                    np.full(r, _REJECTED, dtype=np.int8),
-                ]
-            )
-            pa_c, tg_c, sl_c = _completion_targets(p, chosen, p - 1, 2 * i)
-            pa_r, tg_r, sl_r = _completion_targets(p + c, rejected, p - 1, 2 * i + 1)
-            rows.append(
-                _Row(
-                    ids,
-                    positions,
-                    segments,
-                    np.concatenate([pa_c, pa_r]),
-                    np.concatenate([tg_c, tg_r]),
-                    np.concatenate([sl_c, sl_r]),
-                    i,
-                )
-            )
-    return rows
-
-
-def next_batch(
-    rows: list[_Row], order: list[int], start: int, batch_tokens: int, max_padding: float = 0.1
-) -> list[int]:
-    """The rows order[start:stop] that fit the padded token budget (rows x longest row), at least one, none shorter
-    than the longest by more than ``max_padding`` of it: a long outlier does not pad a batch of short rows."""
-    stop = start + 1
-    longest = len(rows[order[start]].input_ids)  # order is longest first: the first row sets the padded length
-    shortest = longest * (1 - max_padding)
-    while (
-        stop < len(order)
-        and longest * (stop - start + 1) <= batch_tokens
-        and len(rows[order[stop]].input_ids) >= shortest
-    ):
-        stop += 1
-    return order[start:stop]
-
-
-def pack_rows(lengths: Sequence[int], order: list[int], capacity: int) -> list[list[int]]:
-    """Fill bins of ``capacity`` tokens with the rows in ``order`` (longest first), in linear time: each bin takes
-    rows from the long end while they fit, then tops up from the short end."""
-    bins, i, j = [], 0, len(order) - 1
-    while i <= j:
-        current, used = [order[i]], lengths[order[i]]
-        i += 1
-        while i <= j and used + lengths[order[i]] <= capacity:
-            current.append(order[i])
-            used += lengths[order[i]]
-            i += 1
-        while i <= j and used + lengths[order[j]] <= capacity:
-            current.append(order[j])
-            used += lengths[order[j]]
-            j -= 1
-        bins.append(current)
-    return bins
+    ches: bool = False  # also sum the hidden states of each response: extras "ches" and "ches_norm" (prefdiag.ches)
 
 
 class LogProbScorer:
@@ -213,6 +91,7 @@ class LogProbScorer:
             log.info("the packed layout is meant for CUDA; on %s its attention runs unfused and slowly", self.device)
         self._fp32_out_mm = self.device.type == "cuda"
         self._checked_head = False
+        self._checked_weights = False
         self.batches_done = 0
         self.first_batch_seconds = 0.0
         self.tokens = {"real": 0, "computed": 0}  # model inputs: real tokens, and real plus padding
@@ -241,6 +120,14 @@ class LogProbScorer:
             (c == r for c, r in zip(tokenized.chosen_ids, tokenized.rejected_ids)), dtype=bool, count=len(tokenized)
         )
         rows_left = np.bincount([row.pair for row in rows], minlength=len(tokenized))
+        self.extras = {}
+        sums = ResponseSums() if self.settings.ches else None
+        if sums is not None:
+            self.extras = {"ches": np.full(len(tokenized), np.nan), "ches_norm": np.full(len(tokenized), np.nan)}
+        if rows:
+            dense = self.windows is not None and self.settings.layout != "packed"
+            refuse_rows_beyond_memory(self.model, rows, self.device, dense_mask=dense,
+                                      full_logits=self.use_full_forward)
         if not self._checked_head and rows:
             self._check_head_path(rows[0])
         batches = self._plan(rows, _longest_first(rows))  # longest first: an out-of-memory comes early
@@ -249,7 +136,7 @@ class LogProbScorer:
             bins = batches[done_batches]
             started = time.perf_counter()
             try:
-                values, slots = self._forward([[rows[k] for k in b] for b in bins])
+                values, slots, hidden_sums = self._forward([[rows[k] for k in b] for b in bins])
             except Exception as exc:
                 self._recover(exc, sum(map(len, bins)), max(sum(len(rows[k].input_ids) for k in b) for b in bins))
                 batches = self._plan(rows, _longest_first(rows, batches[done_batches:]))  # the rest, re-planned
@@ -261,14 +148,22 @@ class LogProbScorer:
                     log.info("first batch, compiling the attention kernel included: %.1f s", self.first_batch_seconds)
             done_batches += 1
             self.batches_done += 1
+            if not self._checked_weights and not np.isfinite(values).all():
+                self._checked_weights = True  # NaN weights are named; other non-finite pairs go on, to be flagged
+                name_non_finite_weights(self.model)
+                log.warning("%s: some log-probs are NaN or inf", model_name(self.model))
             np.add.at(totals, slots, values)
             batch_pairs = np.array([rows[k].pair for b in bins for k in b])
             np.subtract.at(rows_left, batch_pairs, 1)
             done = np.unique(batch_pairs[rows_left[batch_pairs] == 0])
             tied = done[same[done]]
             totals[2 * tied + 1] = totals[2 * tied]  # before anything is saved: a cached tie stays a tie
+            if sums is not None:
+                sums.add(*hidden_sums)
+                self.extras["ches"][done], self.extras["ches_norm"][done] = sums.finish(done, same[done])
             if on_pairs_done is not None and len(done):
-                on_pairs_done(done, totals[2 * done], totals[2 * done + 1], {k: v[done] for k, v in self.extras.items()})
+                done_extras = {name: values[done] for name, values in self.extras.items()}
+                on_pairs_done(done, totals[2 * done], totals[2 * done + 1], done_extras)
             if progress is not None:
                 progress(len(done))
         chosen, rejected = totals[0::2].copy(), totals[1::2].copy()
@@ -334,9 +229,10 @@ class LogProbScorer:
         self.settings = dataclasses.replace(self.settings, batch_tokens=budget)
         log.warning("out of memory on a batch of %d rows; batch budget now %d tokens", batch_rows, budget)
 
-    def _forward(self, bins: list[list[_Row]]) -> tuple[np.ndarray, np.ndarray]:
+    def _forward(self, bins: list[list[_Row]]) -> tuple[np.ndarray, np.ndarray, tuple | None]:
         """One padded forward pass over model rows, each holding the rows of one bin back to back; returns
-        per-token log-probs (fp32 -> float64) and their output slots."""
+        per-token log-probs (fp32 -> float64), their output slots, and with ``ches`` (slots, the float64 sums [k, D]
+        of the hidden states that predict each slot's tokens, their token counts), else None."""
         packed = self.settings.layout == "packed"
         batch = len(bins)
         if packed:
@@ -376,16 +272,28 @@ class LogProbScorer:
                 mask = flex.block_masks(docs_t, segments, position_ids, self.windows, _CHOSEN, _REJECTED)
                 attention = flex.attention_switched_on(self.model)
             else:
-                mask = self._attention_masks(docs_t, segments, position_ids)
+                dtype = next(self.model.parameters()).dtype
+                mask = dense_masks(docs_t, segments, position_ids, self.windows, self.attn_implementation, dtype)
         positions = {} if position_ids is None else {"position_ids": position_ids}
         flat_predict_t = torch.from_numpy(np.concatenate(flat_predict)).to(device)
         targets_t = torch.from_numpy(np.concatenate(targets)).to(device)
+        slots_np = np.concatenate(slots)
+        hidden_sums = None
+        if self.settings.ches:  # each slot's local index in this batch: the rows of its sum
+            ches_slots, local, counts = np.unique(slots_np, return_inverse=True, return_counts=True)
+            hidden_sums = (ches_slots, torch.from_numpy(local.astype(np.int64)), counts)
 
         if self.use_full_forward:
-            with attention:
-                logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False, **positions).logits
+            with attention, self._head_inputs_captured(hidden_sums is not None) as captured:
+                out = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False, **positions,
+                                 **({"output_hidden_states": True} if captured.get("fallback") else {}))
+            logits = out.logits
             selected = logits.reshape(batch * length, -1)[flat_predict_t.to(logits.device)]
             token_logps = self._logps_from_logits(selected, targets_t.to(logits.device))
+            if hidden_sums is not None:
+                hidden = captured["input"] if "input" in captured else out.hidden_states[-1]
+                selected = hidden.reshape(batch * length, -1)[flat_predict_t.to(hidden.device)]
+                hidden_sums = self._summed(selected, *hidden_sums)
         else:
             with attention:
                 hidden = self.body(
@@ -394,39 +302,43 @@ class LogProbScorer:
             head_device = self.head.weight.device
             selected = hidden.reshape(batch * length, -1)[flat_predict_t.to(hidden.device)].to(head_device)
             token_logps = self._head_logps(selected, targets_t.to(head_device))
-        return token_logps.double().cpu().numpy(), np.concatenate(slots)
+            if hidden_sums is not None:
+                hidden_sums = self._summed(selected, *hidden_sums)
+        return token_logps.double().cpu().numpy(), slots_np, hidden_sums
 
-    def _attention_masks(
-        self, docs: torch.Tensor, segments: torch.Tensor, position_ids: torch.Tensor
-    ) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Dense [B,1,L,L] masks under ``flex.visible``, plus the diagonal, so that a padding query sees itself and
-        no softmax row is empty. One mask per layer type where the model has several."""
-        length = segments.shape[1]
-        idx = torch.arange(length, device=segments.device)
-        eye = torch.eye(length, dtype=torch.bool, device=segments.device)[None]
-        windowed = any(w is not None for w in self.windows.values())
-        farthest = int(position_ids.max()) if windowed else 0  # distances are position differences
-        masks, built = {}, {}
-        for kind, window in self.windows.items():
-            window = window if window is not None and farthest >= window else None  # a window nothing reaches
-            if window not in built:
-                allowed = flex.visible(
-                    docs[:, :, None], docs[:, None, :], segments[:, :, None], segments[:, None, :], idx[:, None],
-                    idx[None, :], position_ids[:, :, None], position_ids[:, None, :], window, _CHOSEN, _REJECTED,
-                )  # fmt: skip
-                built[window] = self._mask_values(allowed | eye)
-            masks[kind] = built[window]
-        return masks[""] if "" in masks else masks
+    @contextlib.contextmanager
+    def _head_inputs_captured(self, wanted: bool):
+        """Within the block, ``captured["input"]`` is the tensor the LM head was called on (the last hidden states
+        after the final norm); ``captured["fallback"]`` is True where no head module can be hooked, so that the
+        caller asks the model for its hidden states instead."""
+        captured: dict = {}
+        if not wanted:
+            yield captured
+            return
+        if self.head is None:
+            captured["fallback"] = True
+            yield captured
+            return
 
-    def _mask_values(self, allowed: torch.Tensor) -> torch.Tensor:
-        """A boolean [B,L,L] mask in the form the attention kernel takes, with the head axis added."""
-        allowed = allowed[:, None]
-        if self.attn_implementation == "sdpa":
-            return allowed
-        # eager (and other additive-mask kernels): 0 where allowed, the dtype's minimum elsewhere
-        dtype = next(self.model.parameters()).dtype
-        additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        return additive.masked_fill_(~allowed, torch.finfo(dtype).min)
+        def keep(module, args, kwargs):
+            captured.setdefault("input", args[0] if args else next(iter(kwargs.values())))
+
+        handle = self.head.register_forward_pre_hook(keep, with_kwargs=True)
+        try:
+            yield captured
+        finally:
+            handle.remove()
+
+    def _summed(self, selected: torch.Tensor, slots: np.ndarray, local: torch.Tensor, counts: np.ndarray) -> tuple:
+        """(slots, float64 sums [k, D], counts) of the selected hidden states [N, D] by local slot index, added in
+        chunks with index_add (fp64, fp32 on devices without it): no copy of the whole selection."""
+        dtype = torch.float32 if selected.device.type == "mps" else torch.float64
+        sums = torch.zeros(len(slots), selected.shape[1], dtype=dtype, device=selected.device)
+        local = local.to(selected.device)
+        chunk = max(1, self.settings.head_chunk_bytes // (8 * selected.shape[1]))
+        for start in range(0, selected.shape[0], chunk):
+            sums.index_add_(0, local[start : start + chunk], selected[start : start + chunk].to(dtype))
+        return slots, sums.double().cpu().numpy(), counts
 
     def _head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head on selected hidden states, returned in fp32, with the model's own logit transforms."""
@@ -467,13 +379,20 @@ class LogProbScorer:
         return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
     def _check_head_path(self, row: _Row) -> None:
-        """Check once that body + head reproduces the model's own logits; if not, fall back to full forwards."""
+        """Check once that body + head reproduces the model's own logits; if not, fall back to full forwards.
+        Non-finite logits name the model: as a ModelError when its weights hold NaN/inf, else a warning (the run
+        goes on and the affected pairs come out non-finite)."""
         self._checked_head = True
         if self.use_full_forward:
             return
         n = min(len(row.input_ids), 16)
         ids = torch.from_numpy(row.input_ids[:n][None]).to(self.device)
         full = self.model(input_ids=ids, use_cache=False).logits[0].float()
+        if not bool(torch.isfinite(full).all()):
+            name_non_finite_weights(self.model)
+            log.warning("%s gives NaN/inf logits on the first pair; such pairs come out non-finite",
+                        model_name(self.model))
+            return
         hidden = self.body(input_ids=ids, use_cache=False).last_hidden_state[0]
         ours = self._head_logits(hidden.to(self.head.weight.device)).to(full.device)
         scale = float(full.abs().max().clamp_min(1.0))
@@ -484,9 +403,3 @@ class LogProbScorer:
                 type(self.model).__name__,
             )
             self.use_full_forward = True
-
-
-def _longest_first(rows: list[_Row], batches: list[list[list[int]]] | None = None) -> list[int]:
-    """Indices of the rows (all, or those in ``batches``), longest first, ties in index order."""
-    indices = range(len(rows)) if batches is None else [k for batch in batches for b in batch for k in b]
-    return sorted(indices, key=lambda k: (-len(rows[k].input_ids), k))

@@ -50,3 +50,28 @@ def full_logits_logp(model, prompt_ids: list[int], completion_ids: list[int]) ->
     p = len(prompt_ids)
     scored = logps[max(p - 1, 0):]
     return float(scored.double().sum()), len(scored)
+
+
+@torch.no_grad()
+def full_ches(model, prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int]) -> tuple[float, float]:
+    """(ches, ches_norm) from two unpadded fp32 forwards: the inputs of the LM head at the positions that predict
+    each response token, summed in fp64 (Razin et al. 2024; SCIENCE.md)."""
+    sums, counts = [], []
+    model = model.float()
+    for completion in (chosen_ids, rejected_ids):
+        ids = torch.tensor([list(prompt_ids) + list(completion)])
+        captured = {}
+        handle = model.get_output_embeddings().register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0]))
+        try:
+            model(input_ids=ids, use_cache=False)
+        finally:
+            handle.remove()
+        hidden = captured["x"][0].double()
+        first = max(len(prompt_ids) - 1, 0)
+        sums.append(hidden[first : ids.shape[1] - 1].sum(0))
+        counts.append(ids.shape[1] - 1 - first)
+    s_w, s_l = sums
+    n_w, n_l = counts
+    ches = float(s_w @ s_l - s_w @ s_w)
+    ches_norm = float(s_w @ s_l / (n_w * n_l) - s_w @ s_w / n_w**2)
+    return ches, ches_norm
