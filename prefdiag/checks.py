@@ -4,7 +4,8 @@ Each check is a small named function that returns a boolean per-pair column name
 ``<check>_score`` where ranking the pairs helps (cleanlab Datalab's shape). Text is compared after whitespace
 normalisation (runs of whitespace become one space, ends stripped). A conversation is compared on its rendered text,
 one ``role: content`` line per message, for equality (identical, duplicate, conflict); edit distance, emptiness and
-length count its messages' contents only, so a conversation scores as the same text in plain strings would.
+length count its messages' contents only, so a conversation scores as the same text in plain strings would. A
+message's other keys (``tool_calls``...) count as part of its content, written as JSON.
 
 =================  =========================================================================================
 identical          chosen == rejected after whitespace normalisation
@@ -28,6 +29,7 @@ the edit distance is computed once per pair.
 
 from __future__ import annotations
 
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -151,7 +153,26 @@ def text_features(table: pd.DataFrame, workers: int | None = None) -> TextFeatur
 def _arrow(series: pd.Series) -> pa.ChunkedArray:
     if isinstance(series.dtype, pd.ArrowDtype) or getattr(series.dtype, "storage", None) == "pyarrow":
         return series.array.__arrow_array__()  # Arrow-backed (pandas str, ArrowDtype): no copy
-    return pa.chunked_array([pa.array(series.tolist())])
+    values = series.tolist()
+    if any(isinstance(v, list) for v in values):  # Python message lists (keys that differ from row to row)
+        rows = [[_comparable_message(m) for m in v] for v in values]
+        return pa.chunked_array([pa.array(rows, _MESSAGES)])
+    return pa.chunked_array([pa.array(values)])
+
+
+_MESSAGES = pa.list_(pa.struct([("role", pa.large_string()), ("content", pa.large_string())]))
+
+
+def _comparable_message(message: dict) -> dict[str, str]:
+    """A message as {role, content} for the checks: its other keys (tool_calls...) join the content as JSON, so
+    two tool calls that differ are different responses and a tool call is not an empty one."""
+    content = message.get("content")
+    content = content if isinstance(content, str) else ""
+    others = {k: v for k, v in message.items() if k not in ("role", "content")}
+    if others:
+        encoded = json.dumps(others, sort_keys=True, ensure_ascii=False, default=str)
+        content = f"{content} {encoded}" if content else encoded
+    return {"role": str(message.get("role")), "content": content}
 
 
 def _combine(a: np.ndarray, b: np.ndarray, c: np.ndarray | None = None) -> np.ndarray:

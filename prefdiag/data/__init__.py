@@ -14,6 +14,11 @@ The text stays in Arrow memory (pandas ``str`` columns and ``ArrowDtype`` messag
 per value: reading and validating a million pairs costs about the data's own size in memory. Python objects exist a
 chunk of rows at a time (implicit-prompt splitting), or for the whole file only where Arrow cannot read it (a JSON
 array, a JSONL file whose column types conflict).
+
+Nothing is added or dropped (prefdiag.data.objects): conversations whose messages are not exactly ``{role, content}``
+(tool calls, whose keys differ from row to row) and the ``tools``, ``documents`` and ``chat_template_kwargs`` columns
+are Python objects read from the file's own JSON, and numeric ids keep their written text. A message needs a string
+``role``, and a string ``content`` unless it carries ``tool_calls``.
 """
 
 from __future__ import annotations
@@ -79,8 +84,9 @@ def load_pairs(
         raise DataError(f"{source}: no such file or directory")
     if (frame.num_rows if isinstance(frame, pa.Table) else len(frame)) == 0:
         raise DataError(f"{source}: the data holds no rows")
-    csv_source = not path.is_dir() and path.exists() and _file_kind(path) == "csv"
-    pairs = _normalise(frame, source, digest, columns, details, data_format, csv_source)
+    kind = _file_kind(path) if not path.is_dir() and path.exists() else None
+    json_path = path if kind in ("json", "jsonl") else None
+    pairs = _normalise(frame, source, digest, columns, details, data_format, kind == "csv", json_path)
     del frame
     pa.default_memory_pool().release_unused()  # the readers' buffers: give them back before the checks run
     return pairs

@@ -3,9 +3,11 @@ chosen, rejected`` plus extra columns, every fault named by row and column."""
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,6 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from prefdiag.data.objects import python_columns
 from prefdiag.data.prompts import _looks_like_hh, _split_conversations, _split_hh, _split_strings
 from prefdiag.errors import DataError, UsageError
 
@@ -61,21 +64,23 @@ def _normalise(
     details: dict,
     data_format: str = "auto",
     csv_source: bool = False,
+    json_path: Path | None = None,
 ) -> PairData:
+    """``json_path``: the JSON or JSON Lines file the frame came from, read again for what Arrow cannot hold."""
     names = list(frame.column_names if isinstance(frame, pa.Table) else map(str, frame.columns))
-    available = ", ".join(names)
     for wanted in (columns.chosen, columns.rejected):
         if wanted not in names:
-            raise DataError(f"{source}: missing column {wanted!r}; the columns are: {available}")
+            raise DataError(f"{source}: missing column {wanted!r}{_did_you_mean(wanted, names)}")
     id_column = columns.id or ("id" if "id" in names else None)
     if id_column is not None and id_column not in names:
-        raise DataError(f"{source}: missing id column {id_column!r}; the columns are: {available}")
+        raise DataError(f"{source}: missing id column {id_column!r}{_did_you_mean(id_column, names)}")
     has_prompt = columns.prompt in names
     if not has_prompt and columns.prompt != ColumnMap.prompt:  # named on purpose: its absence is no implicit prompt
-        raise DataError(f"{source}: missing prompt column {columns.prompt!r}; the columns are: {available}")
+        raise DataError(f"{source}: missing prompt column {columns.prompt!r}{_did_you_mean(columns.prompt, names)}")
 
     originals = {"chosen": columns.chosen, "rejected": columns.rejected, "prompt": columns.prompt}
-    text = {name: _text_column(frame, original, source) for name, original in originals.items()
+    objects = python_columns(frame, json_path, tuple(originals.values()), id_column, csv_source)
+    text = {name: _text_column(frame, original, source, objects) for name, original in originals.items()
             if name != "prompt" or has_prompt}  # fmt: skip
     kinds = {name: _kind(array, source, originals[name]) for name, array in text.items()}
 
@@ -131,7 +136,7 @@ def _normalise(
 
     table = pd.DataFrame(
         {
-            "pair_id": _pair_ids(frame, id_column, source),
+            "pair_id": _pair_ids(frame, id_column, source, objects),
             "prompt": _to_pandas(prompt),
             "chosen": _to_pandas(chosen),
             "rejected": _to_pandas(rejected),
@@ -143,24 +148,41 @@ def _normalise(
     for name in names:
         if name in used or name in table.columns:
             continue  # an input column named like one of ours (e.g. "prompt" when --prompt-column is another)
-        table[name] = _extra_column(frame, name)
+        table[name] = pd.Series(objects[name], dtype=object) if name in objects else _extra_column(frame, name)
     return PairData(table, source, digest, conversational, split_kind != "column", details, split_kind)
 
 
-def _text_column(frame: pa.Table | pd.DataFrame, name: str, source: str) -> pa.ChunkedArray:
-    """The column as Arrow text or message lists; Python objects (JSON fallback) are checked value by value."""
-    if isinstance(frame, pa.Table):
+def _did_you_mean(wanted: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(wanted, names, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{hint}; the columns are: {', '.join(names)}"
+
+
+def _text_column(
+    frame: pa.Table | pd.DataFrame, name: str, source: str, objects: dict[str, list]
+) -> pa.ChunkedArray | list:
+    """The column as Arrow text or plain message lists, or as Python message lists where Arrow cannot hold the
+    messages as written (checked value by value)."""
+    if name not in objects and isinstance(frame, pa.Table):
         return frame.column(name)
-    values = frame[name].tolist()
-    _check_python_values(values, source, name)
-    try:
-        return pa.chunked_array([pa.array(values)])
-    except (pa.ArrowException, TypeError, ValueError) as exc:  # messages whose fields differ in type
-        raise DataError(f"{source}: column {name!r}: inconsistent messages ({str(exc).splitlines()[0]})") from None
+    values = objects[name] if name in objects else frame[name].tolist()
+    kind = _check_python_values(values, source, name)
+    if kind == "messages":
+        return _messages_column(values)
+    return pa.chunked_array([pa.array(values, pa.large_string())])
 
 
-def _check_python_values(values: list, source: str, column: str) -> None:
-    """Every value a string, or every value a list of {role, content} messages; else name the first bad row."""
+def _messages_column(values: list) -> pa.ChunkedArray | list:
+    """Conversations as Arrow lists when every message is exactly {role, content} (strings), else the Python lists
+    (Arrow would add every other row's keys to each message)."""
+    plain = all(len(m) == 2 and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for value in values for m in value)  # fmt: skip
+    return pa.chunked_array([pa.array(values)]) if plain else values
+
+
+def _check_python_values(values: list, source: str, column: str) -> str:
+    """Every value a string, or every value a list of valid messages; else name the first bad row. Returns the
+    kind: "text" or "messages"."""
     first_kind = None
     for row, value in enumerate(values):
         if isinstance(value, np.ndarray):
@@ -169,6 +191,9 @@ def _check_python_values(values: list, source: str, column: str) -> None:
             kind = "text"
         elif _is_python_messages(value):
             kind = "messages"
+            fault = _message_fault(value)
+            if fault:
+                raise DataError(f"{source}: row {row + 1}, column {column!r}: {fault}")
         else:
             raise DataError(
                 f"{source}: row {row + 1}, column {column!r}: expected a string or a list of {{role, content}} "
@@ -181,10 +206,28 @@ def _check_python_values(values: list, source: str, column: str) -> None:
                 f"{source}: row {row + 1}, column {column!r}: expected {_kind_words(first_kind)} like the first "
                 f"row, got {_kind_words(kind)}"
             )
+    return first_kind or "text"
+
+
+def _message_fault(messages: list[dict]) -> str | None:
+    """What is wrong with a conversation: a message needs a string role, and string content unless it carries
+    tool_calls (then content may be absent or null)."""
+    for number, message in enumerate(messages, start=1):
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str):
+            return f"message {number} has no role" if role is None else f"message {number}: role is not a string"
+        if isinstance(content, str) or (content is None and message.get("tool_calls")):
+            continue
+        if content is None:
+            return f"message {number} ({role}) has no content (only a message with tool_calls may omit it)"
+        if isinstance(content, list):
+            return f"message {number} ({role}): content is a list (multimodal content parts are not supported)"
+        return f"message {number} ({role}): content is {_python_type(content)}, not a string"
+    return None
 
 
 def _is_python_messages(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+    return isinstance(value, list) and all(isinstance(m, dict) for m in value)
 
 
 def _python_type(value: Any) -> str:
@@ -194,7 +237,10 @@ def _python_type(value: Any) -> str:
 
 
 def _kind(array: pa.ChunkedArray, source: str, column: str) -> str:
-    """'text' or 'messages' from the Arrow type; a null or a value of another type is an error naming its row."""
+    """'text' or 'messages' from the Arrow type; a null or a value of another type is an error naming its row.
+    Python message lists were validated as they were read."""
+    if isinstance(array, list):
+        return "messages"
     t = array.type
     if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
         kind = "text"
@@ -247,8 +293,8 @@ def _kind_words(kind: str) -> str:
 
 def _parse_json_messages(
     array: pa.ChunkedArray, source: str, column: str, *, strict: bool
-) -> pa.ChunkedArray | None:
-    """JSON-encoded message lists (how a CSV file holds conversations) as Arrow message lists. Not strict: None
+) -> pa.ChunkedArray | list | None:
+    """JSON-encoded message lists (how a CSV file holds conversations) as message lists. Not strict: None
     unless every value parses. Strict: a value that does not parse is an error naming its row."""
     if not strict and not pc.all(pc.starts_with(pc.utf8_ltrim_whitespace(array), "[")).as_py():
         return None
@@ -264,15 +310,25 @@ def _parse_json_messages(
             raise DataError(
                 f"{source}: row {row + 1}, column {column!r}: expected a JSON list of {{role, content}} messages"
             ) from None
+        fault = _message_fault(value)
+        if fault:
+            raise DataError(f"{source}: row {row + 1}, column {column!r}: {fault}")
         values.append(value)
-    return pa.chunked_array([pa.array(values)])
+    return _messages_column(values)
 
 
-def _pair_ids(frame: pa.Table | pd.DataFrame, id_column: str | None, source: str) -> pd.Series:
+def _pair_ids(
+    frame: pa.Table | pd.DataFrame, id_column: str | None, source: str, objects: dict[str, list]
+) -> pd.Series:
+    """The ids as text in their written form (numbers read from the file's text), unique and never missing."""
     n = frame.num_rows if isinstance(frame, pa.Table) else len(frame)
     if id_column is None:
         return pd.Series(np.arange(n).astype(str), dtype="str")
-    ids = _extra_column(frame, id_column)
+    if id_column in objects:
+        ids = pd.Series([v if isinstance(v, str) or v is None else json.dumps(v) for v in objects[id_column]],
+                        dtype="str")  # fmt: skip
+    else:
+        ids = _extra_column(frame, id_column)
     if ids.isna().any():
         row = int(np.flatnonzero(ids.isna().to_numpy())[0])
         raise DataError(f"{source}: row {row + 1}, id column {id_column!r}: missing value")
@@ -312,7 +368,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _to_pandas(array: pa.ChunkedArray) -> pd.Series:
+def _to_pandas(array: pa.ChunkedArray | list) -> pd.Series:
+    if isinstance(array, list):  # Python message lists, as written
+        return pd.Series(array, dtype=object)
     t = array.type
     if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
         return pd.Series(array.cast(pa.large_string()).to_pandas(), dtype="str")  # Arrow-backed, zero-copy

@@ -73,7 +73,11 @@ def _split_strings(chosen: pa.ChunkedArray, rejected: pa.ChunkedArray):
     return tuple(pa.chunked_array(parts, pa.large_string()) for parts in (prompts, chosen_out, rejected_out))
 
 
-def _split_conversations(chosen: pa.ChunkedArray, rejected: pa.ChunkedArray):
+def _split_conversations(chosen: pa.ChunkedArray | list, rejected: pa.ChunkedArray | list):
+    if isinstance(chosen, list) or isinstance(rejected, list):  # Python message lists, kept as written
+        chosen, rejected = _as_list(chosen), _as_list(rejected)
+        split = [extract_prompt(c, r) for c, r in zip(chosen, rejected)]
+        return [s[0] for s in split], [s[1] for s in split], [s[2] for s in split]
     prompts, chosen_out, rejected_out = [], [], []
     for _, (cs, rs) in _chunks(chosen, rejected):
         split = [extract_prompt(c, r) for c, r in zip(cs, rs)]
@@ -118,3 +122,7 @@ def _split_hh(chosen: pa.ChunkedArray, rejected: pa.ChunkedArray, source: str, *
         chosen_out.append(pa.array([c[i:] for c, i in zip(cs, idx)], pa.large_string()))
         rejected_out.append(pa.array([r[i:] for r, i in zip(rs, idx)], pa.large_string()))
     return tuple(pa.chunked_array(parts, pa.large_string()) for parts in (prompts, chosen_out, rejected_out))
+
+
+def _as_list(column: pa.ChunkedArray | list) -> list:
+    return column if isinstance(column, list) else column.to_pylist()

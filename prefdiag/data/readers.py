@@ -55,8 +55,38 @@ def _read_file(path: Path) -> tuple[pa.Table | pd.DataFrame, str]:
     readers = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}
     with ThreadPoolExecutor(1) as pool:  # hashing releases the GIL: it overlaps the read
         digest = pool.submit(file_sha256, path)
-        frame = readers[kind](path)
+        try:
+            frame = readers[kind](path)
+        except UnicodeDecodeError:
+            raise DataError(utf8_fault(path)) from None
+        except (EOFError, OSError) as exc:
+            if not _compressed(path):
+                raise
+            raise DataError(f"{path}: the compressed file ends early or is corrupt ({_first_line(exc)})") from None
         return frame, digest.result()
+
+
+def _compressed(path: Path) -> bool:
+    return path.suffix.lower() in COMPRESSIONS
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+def utf8_fault(path: Path) -> str:
+    """Where the file stops being UTF-8: "FILE:LINE:COLUMN: not UTF-8 text (byte 0x..)"."""
+    try:
+        with io.BufferedReader(pa.input_stream(str(path), compression="detect")) as handle:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    column = len(raw[: exc.start].decode("utf-8", "replace")) + 1
+                    return f"{path}:{number}:{column}: not UTF-8 text (byte 0x{raw[exc.start]:02x})"
+    except (EOFError, OSError) as exc:
+        return f"{path}: the compressed file ends early or is corrupt ({_first_line(exc)})"
+    return f"{path}: not UTF-8 text"
 
 
 def _read_jsonl(path: Path) -> pa.Table | pd.DataFrame:
@@ -74,13 +104,17 @@ def _read_jsonl(path: Path) -> pa.Table | pd.DataFrame:
         except pa.ArrowInvalid:
             return _read_jsonl_python(path)  # mixed types in a column: Python objects, validated later
     except (pa.ArrowException, OSError):
-        return _read_jsonl_python(path)
+        return _read_jsonl_python(path)  # not UTF-8, a compressed file that ends early...: named by the Python pass
     if _has_timestamp(table.schema):  # Arrow turns ISO-date strings into timestamps: read them back as text
         schema = pa.schema([pa.field(f.name, _timestamps_as_text(f.type)) for f in table.schema])
         parse = pj.ParseOptions(explicit_schema=schema)
         table = pj.open_json(path, read_options=options, parse_options=parse).read_all()
     if table.num_columns == 0:
         raise DataError(f"{path}: the file holds no rows")
+    try:
+        table.validate(full=True)  # Arrow's JSON reader does not check that strings are UTF-8
+    except pa.ArrowInvalid:
+        raise DataError(utf8_fault(path)) from None
     return table
 
 
@@ -108,22 +142,24 @@ def _timestamps_as_text(t: pa.DataType) -> pa.DataType:
     return t
 
 
-def _read_jsonl_python(path: Path) -> pd.DataFrame:
-    records = []
+def json_records(path: Path, decoder: json.JSONDecoder | None = None):
+    """The objects of a JSON Lines file, one per non-blank line, as Python values (UnicodeDecodeError propagates)."""
+    decode = (decoder or json.JSONDecoder()).decode
     with _open_text(path) as handle:
-        try:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{number}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{path}:{number}: expected a JSON object, got {_json_type(record)}")
-                records.append(record)
-        except UnicodeDecodeError:
-            raise DataError(f"{path}: not UTF-8 text (line {number + 1})") from None
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = decode(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{number}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object, got {_json_type(record)}")
+            yield record
+
+
+def _read_jsonl_python(path: Path) -> pd.DataFrame:
+    records = list(json_records(path))
     if not records:
         raise DataError(f"{path}: the file holds no rows")
     return pd.DataFrame.from_records(records)
@@ -135,25 +171,29 @@ def _json_type(value: Any) -> str:
 
 def _read_json(path: Path) -> pd.DataFrame | pa.Table:
     """A JSON array of objects, {"data": [...]}, a dict of columns, or JSON Lines saved as .json (datasets' to_json)."""
-    try:
-        with _open_text(path) as handle:
-            first = handle.readline()
-            second = handle.readline()
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text") from None
+    if _is_json_lines(path):
+        return _read_jsonl(path)  # one object per line: JSON Lines
+    return pd.DataFrame.from_records(json_array_records(path))
+
+
+def _is_json_lines(path: Path) -> bool:
+    with _open_text(path) as handle:
+        first = handle.readline()
+        second = handle.readline()
     try:
         json.loads(first)
-        if second.strip():
-            return _read_jsonl(path)  # one object per line: JSON Lines
     except json.JSONDecodeError:
-        pass
+        return False
+    return bool(second.strip())
+
+
+def json_array_records(path: Path, decoder: json.JSONDecoder | None = None) -> list[dict]:
+    """The rows of a JSON file that is not JSON Lines: an array of objects, {"data": [...]} or a dict of columns."""
     try:
         with _open_text(path) as handle:
-            payload = json.loads(handle.read())
+            payload = (decoder or json.JSONDecoder()).decode(handle.read())
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text") from None
     if isinstance(payload, dict):  # {"data": [...]}, or a dict of columns
         lists = [v for v in payload.values() if isinstance(v, list) and v and isinstance(v[0], dict)]
         if len(payload) == 1 and lists:
@@ -161,12 +201,20 @@ def _read_json(path: Path) -> pd.DataFrame | pa.Table:
         elif payload and all(isinstance(v, list) for v in payload.values()):
             if len({len(v) for v in payload.values()}) != 1:
                 raise DataError(f"{path}: the columns of this JSON object have different lengths")
-            return pd.DataFrame(payload)
+            names = list(payload)
+            return [dict(zip(names, values)) for values in zip(*payload.values())]
     if not isinstance(payload, list) or not all(isinstance(r, dict) for r in payload):
         raise DataError(f"{path}: expected a JSON list of objects (or JSON Lines, one object per line)")
     if not payload:
         raise DataError(f"{path}: the file holds no rows")
-    return pd.DataFrame.from_records(payload)
+    return payload
+
+
+def json_rows(path: Path, decoder: json.JSONDecoder | None = None):
+    """The rows of a JSON or JSON Lines file as Python values, in file order."""
+    if _file_kind(path) == "jsonl" or _is_json_lines(path):
+        return json_records(path, decoder)
+    return iter(json_array_records(path, decoder))
 
 
 def _read_csv(path: Path) -> pa.Table:
@@ -178,7 +226,7 @@ def _read_csv(path: Path) -> pa.Table:
             header = next(csv.reader(handle), None)
         if header:
             header[0] = header[0].removeprefix("\ufeff")  # a UTF-8 byte-order mark
-    except (UnicodeDecodeError, csv.Error) as exc:
+    except csv.Error as exc:
         raise DataError(f"{path}: not a readable CSV file: {exc}") from None
     if not header:
         raise DataError(f"{path}: the file holds no rows")
@@ -194,7 +242,25 @@ def _read_csv(path: Path) -> pa.Table:
             path, parse_options=pcsv.ParseOptions(newlines_in_values=True), convert_options=convert
         )
     except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"{path}: not a readable CSV file: {str(exc).splitlines()[0]}") from None
+        message = _first_line(exc)
+        if "UTF8" in message or "UTF-8" in message:
+            raise DataError(utf8_fault(path)) from None
+        if _compressed(path) and isinstance(exc, OSError):
+            raise
+        if "Expected" in message and "columns, got" in message:
+            raise DataError(_csv_fault(path, len(header))) from None
+        raise DataError(f"{path}: not a readable CSV file: {message}") from None
+
+
+def _csv_fault(path: Path, width: int) -> str:
+    """The first CSV record whose number of values differs from the header's, by its line."""
+    with _open_text(path) as handle:
+        reader = csv.reader(handle)
+        for record in reader:
+            if len(record) != width and record:
+                return (f"{path}: not a readable CSV file: line {reader.line_num} has {len(record)} values, "
+                        f"the header {width}")
+    return f"{path}: a CSV record does not have {width} values like the header"
 
 
 def _read_parquet(path: Path) -> pa.Table:
