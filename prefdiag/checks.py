@@ -16,6 +16,9 @@ duplicate          the same (prompt, chosen, rejected) appears more than once: e
 conflict           for the same prompt, a response chosen in one pair is rejected in another (which includes the
                    two responses in both orders); a pair whose responses are identical states no preference, so
                    it neither has nor causes a conflict
+reversed_pair      strict: another pair has the same prompt with the two responses swapped (B over A beside A over
+                   B). Consistent chains from binarised rankings (A > B, B > C: B is chosen once, rejected once) are
+                   a conflict but no reversed pair: gate on this one when such chains are expected
 empty_response     chosen or rejected is empty (a conversation: its messages' contents are)
 empty_prompt       the prompt is empty
 length_ratio       longer / shorter response > 4, in tokens when a model was run, else in characters;
@@ -39,7 +42,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-CHECKS = ("identical", "near_identical", "duplicate", "conflict", "empty_response", "empty_prompt", "length_ratio")
+CHECKS = (
+    "identical", "near_identical", "duplicate", "conflict", "reversed_pair", "empty_response", "empty_prompt",
+    "length_ratio",
+)
 SCORES = ("near_identical_score", "length_ratio_score")
 NEAR_IDENTICAL_SIMILARITY = 0.9
 # Similarities under this floor are reported as 0: those responses are clearly different, and the banded edit
@@ -211,6 +217,16 @@ def conflict(f: TextFeatures) -> dict[str, np.ndarray]:
     return {"conflict": flagged}
 
 
+def reversed_pair(f: TextFeatures) -> dict[str, np.ndarray]:
+    """Another pair holds the same prompt with the two responses swapped: the two state opposite preferences."""
+    states = ~f.identical
+    key = _combine(f.prompt_key, f.chosen_key, f.rejected_key)[states]
+    swapped = _combine(f.prompt_key, f.rejected_key, f.chosen_key)[states]
+    flagged = np.zeros(len(f), dtype=bool)
+    flagged[states] = pd.Series(swapped).isin(key).to_numpy()
+    return {"reversed_pair": flagged}
+
+
 def empty_response(f: TextFeatures) -> dict[str, np.ndarray]:
     """chosen or rejected is empty (or only whitespace)."""
     return {"empty_response": (f.chosen_chars == 0) | (f.rejected_chars == 0)}
@@ -241,7 +257,7 @@ def run_checks(
     length_ratio count tokens. Returns the check columns, aligned with the table."""
     f = features if features is not None else text_features(table)
     columns: dict[str, np.ndarray] = {}
-    for check in (identical, near_identical, duplicate, conflict, empty_response, empty_prompt):
+    for check in (identical, near_identical, duplicate, conflict, reversed_pair, empty_response, empty_prompt):
         columns.update(check(f))
     columns.update(length_ratio(f, *(tokens or (None, None))))
     return pd.DataFrame(columns, index=table.index)
