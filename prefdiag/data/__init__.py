@@ -46,9 +46,10 @@ from prefdiag.data.readers import (
     _read_saved_dataset,
     file_sha256,
 )
+from prefdiag.data.shapes import SHAPES, detect_shape, to_pairs
 from prefdiag.errors import DataError, UsageError
 
-DATA_FORMATS = ("auto", "standard", "conversational", "hh")
+DATA_FORMATS = ("auto", "standard", "conversational", "hh", *SHAPES)
 REQUIRED = ("chosen", "rejected")
 
 __all__ = [
@@ -64,11 +65,14 @@ def load_pairs(
     split: str | None = None,
     columns: ColumnMap | None = None,
     data_format: str = "auto",
+    binarize_seed: int = 0,
 ) -> PairData:
     """Load and validate preference pairs from a file, a save_to_disk directory or a hub dataset id.
 
     ``data_format``: auto (detect), standard, conversational (also parses JSON-encoded message lists, as a CSV file
-    holds them) or hh (split Anthropic HH transcripts at the last shared "\\n\\nAssistant:")."""
+    holds them), hh (split Anthropic HH transcripts at the last shared "\\n\\nAssistant:"), or a shape turned into
+    pairs first (prefdiag.data.shapes): rated (UltraFeedback's completions, binarised with ``binarize_seed``),
+    rated-best-worst, shp (two responses and a label), kto (detected, refused)."""
     if data_format not in DATA_FORMATS:
         raise UsageError(f"unknown data format {data_format!r}; expected one of {', '.join(DATA_FORMATS)}")
     columns = columns or ColumnMap()
@@ -86,6 +90,12 @@ def load_pairs(
         raise DataError(f"{source}: the data holds no rows")
     kind = _file_kind(path) if not path.is_dir() and path.exists() else None
     json_path = path if kind in ("json", "jsonl") else None
+    names = list(frame.column_names if isinstance(frame, pa.Table) else map(str, frame.columns))
+    shape = data_format if data_format in SHAPES else detect_shape(names) if data_format == "auto" else None
+    if shape is not None:
+        frame, shape_details = to_pairs(frame, shape, source, json_path, binarize_seed)
+        details = {**details, **shape_details}
+        columns, data_format, json_path = ColumnMap(id=columns.id), "auto", None
     pairs = _normalise(frame, source, digest, columns, details, data_format, kind == "csv", json_path)
     del frame
     pa.default_memory_pool().release_unused()  # the readers' buffers: give them back before the checks run
