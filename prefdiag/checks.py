@@ -207,6 +207,11 @@ def duplicate(f: TextFeatures) -> dict[str, np.ndarray]:
     return {"duplicate": key.duplicated(keep=False).to_numpy()}
 
 
+def later_copies(f: TextFeatures) -> np.ndarray:
+    """Every copy of a duplicated (prompt, chosen, rejected) but the first: what removing duplicates drops."""
+    return pd.Series(_combine(f.prompt_key, f.chosen_key, f.rejected_key)).duplicated(keep="first").to_numpy()
+
+
 def conflict(f: TextFeatures) -> dict[str, np.ndarray]:
     """For one prompt, a response is chosen in one pair and rejected in another (A over B and B over A included)."""
     states = ~f.identical  # an identical pair states no preference: it neither has nor causes a conflict

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from prefdiag.data.normalise import ColumnMap, PairData, _normalise, with_python_objects
@@ -93,10 +94,12 @@ def load_pairs(
     names = list(frame.column_names if isinstance(frame, pa.Table) else map(str, frame.columns))
     shape = data_format if data_format in SHAPES else detect_shape(names) if data_format == "auto" else None
     if shape is not None:
-        frame, shape_details = to_pairs(frame, shape, source, json_path, binarize_seed)
+        frame, shape_details, rows = to_pairs(frame, shape, source, json_path, binarize_seed)
         details = {**details, **shape_details}
         columns, data_format, json_path = ColumnMap(id=columns.id), "auto", None
     pairs = _normalise(frame, source, digest, columns, details, data_format, kind == "csv", json_path)
+    if shape is not None:
+        pairs.rows = np.asarray(rows, dtype=np.int64)
     del frame
     pa.default_memory_pool().release_unused()  # the readers' buffers: give them back before the checks run
     return pairs

@@ -32,6 +32,7 @@ class PairData:
     implicit_prompt: bool = False
     details: dict[str, Any] = field(default_factory=dict)
     prompt_split: str = "column"  # column | extract_prompt | hh: where the prompt came from
+    rows: np.ndarray | None = None  # the input row (0-based) of each pair where it is not the pair's own position
 
     def provenance(self) -> dict[str, Any]:
         return {
@@ -43,6 +44,10 @@ class PairData:
             "prompt_split": self.prompt_split,
             **self.details,
         }
+
+    def input_rows(self) -> np.ndarray:
+        """The input row (0-based, in file order) each pair of the table came from."""
+        return np.arange(len(self.table)) if self.rows is None else self.rows
 
 
 @dataclass(frozen=True)

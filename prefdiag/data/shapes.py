@@ -47,8 +47,9 @@ def detect_shape(names: list[str]) -> str | None:
 
 def to_pairs(
     frame: pa.Table | pd.DataFrame, shape: str, source: str, json_path: Path | None, seed: int = 0
-) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The rows as prompt/chosen/rejected records (Python objects), and the provenance details of the conversion."""
+) -> tuple[pd.DataFrame, dict[str, Any], list[int]]:
+    """The rows as prompt/chosen/rejected records (Python objects), the provenance details of the conversion, and
+    the input row (0-based) each pair came from."""
     if shape == "kto":
         raise DataError(
             f"{source}: unpaired KTO rows (prompt, completion, label) detected; prefdiag scores preference pairs: "
@@ -60,7 +61,8 @@ def to_pairs(
     records, details = pairs
     if not records:
         raise DataError(f"{source}: no pairs: {details['n_ties_dropped']} of {len(rows)} rows are ties")
-    return pd.DataFrame.from_records(records), {"shape": shape, "n_input_rows": len(rows), **details}
+    numbers = [record.pop(_ROW) for record in records]
+    return pd.DataFrame.from_records(records), {"shape": shape, "n_input_rows": len(rows), **details}, numbers
 
 
 def _rows(frame: pa.Table | pd.DataFrame) -> list[dict]:
@@ -70,8 +72,11 @@ def _rows(frame: pa.Table | pd.DataFrame) -> list[dict]:
             frame.to_dict("records")]  # fmt: skip
 
 
+_ROW = "\0row"  # where a record remembers its input row until the table is built
+
+
 def _with_id(row: dict, number: int) -> dict:
-    return {"id": row["id"]} if "id" in row else {"id": number}
+    return {_ROW: number, "id": row["id"] if "id" in row else number}
 
 
 def _rated(rows: list[dict], source: str, shape: str, seed: int) -> tuple[list[dict], dict[str, Any]]:
