@@ -146,3 +146,16 @@ def test_a_tool_call_may_omit_content(tmp_path):
     path = tmp_path / "calls.jsonl"
     path.write_text(jsonl(row))
     assert load_pairs(str(path)).table["chosen"].iloc[0] == row["chosen"]
+
+
+def test_tool_arguments_whose_types_differ_are_scored_and_written_as_json_text(tmp_path):
+    records = tool_records()[:2]
+    records[1]["chosen"] = [tool_call("add", {"city": 5})]  # a string in the other row
+    records[1]["tools"][0]["function"]["parameters"]["type"] = 7  # a string in the other row
+    path = write(records, tmp_path / "mixed", "jsonl")
+    assert load_pairs(str(path)).table["chosen"].tolist() == [r["chosen"] for r in records]
+    result = runner.invoke(app, ["audit", str(path), "--output", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    pairs = pd.read_parquet(tmp_path / "out" / "pairs.parquet")
+    assert [json.loads(v) for v in pairs["chosen"]] == [r["chosen"] for r in records]
+    assert [json.loads(v) for v in pairs["tools"]] == [r["tools"] for r in records]

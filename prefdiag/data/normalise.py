@@ -386,11 +386,26 @@ def _to_pandas(array: pa.ChunkedArray | list) -> pd.Series:
 
 def with_python_objects(table: pd.DataFrame) -> pd.DataFrame:
     """The table with nested Arrow columns (message lists, structs) as Python lists and dicts. pandas cannot read
-    back a Parquet file it wrote from nested ArrowDtype columns, so tables handed to users hold Python objects."""
+    back a Parquet file it wrote from nested ArrowDtype columns, so tables handed to users hold Python objects.
+    A column of Python objects no Arrow type holds (tool-call arguments whose values differ in type from row to
+    row) becomes JSON text, one value per row, so the table can always be written."""
     nested = [c for c, t in table.dtypes.items() if isinstance(t, pd.ArrowDtype) and t.pyarrow_dtype.num_fields > 0]
-    if not nested:
+    mixed = [c for c, t in table.dtypes.items() if t == object and not _arrow_holds(table[c])]
+    if not nested and not mixed:
         return table
     out = table.copy(deep=False)
     for column in nested:
         out[column] = pd.Series(out[column].array.__arrow_array__().to_pylist(), index=out.index, dtype=object)
+    for column in mixed:
+        log.warning("column %r holds values of differing types; it is written as JSON text", column)
+        out[column] = pd.Series([v if v is None else json.dumps(_plain(v), ensure_ascii=False, default=str)
+                                 for v in out[column]], index=out.index, dtype="str")  # fmt: skip
     return out
+
+
+def _arrow_holds(column: pd.Series) -> bool:
+    try:
+        pa.array(column.tolist(), from_pandas=True)
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        return False
+    return True
