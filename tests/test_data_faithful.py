@@ -159,3 +159,21 @@ def test_tool_arguments_whose_types_differ_are_scored_and_written_as_json_text(t
     pairs = pd.read_parquet(tmp_path / "out" / "pairs.parquet")
     assert [json.loads(v) for v in pairs["chosen"]] == [r["chosen"] for r in records]
     assert [json.loads(v) for v in pairs["tools"]] == [r["tools"] for r in records]
+
+
+def test_plain_text_and_plain_conversations_stay_in_arrow(tmp_path, monkeypatch):
+    from prefdiag.data import readers
+
+    def no_python_pass(*args, **kwargs):
+        raise AssertionError("plain data must not be read again in Python")
+
+    monkeypatch.setattr(readers, "_open_text", no_python_pass)  # the Python pass's only way into a file
+    path = tmp_path / "plain.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "prompt": "p", "chosen": f"a{i}", "rejected": "b"}) + "\n"
+                            for i in range(5)))  # fmt: skip
+    table = load_pairs(str(path)).table
+    assert table["pair_id"].tolist() == ["0", "1", "2", "3", "4"]  # integer ids: Arrow's text is the written one
+    assert all(getattr(table[c].dtype, "storage", None) == "pyarrow" for c in ("prompt", "chosen", "rejected"))
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(jsonl(messages_row([{"role": "assistant", "content": "x"}])))
+    assert all(isinstance(dtype, pd.ArrowDtype) for dtype in load_pairs(str(chat)).table.dtypes.iloc[1:])
