@@ -4,7 +4,8 @@ Each check is a small named function that returns a boolean per-pair column name
 ``<check>_score`` where ranking the pairs helps (cleanlab Datalab's shape). Text is compared after whitespace
 normalisation (runs of whitespace become one space, ends stripped). A conversation is compared on its rendered text,
 one ``role: content`` line per message, for equality (identical, duplicate, conflict); edit distance, emptiness and
-length count its messages' contents only, so a conversation scores as the same text in plain strings would.
+length count its messages' contents only, so a conversation scores as the same text in plain strings would. A
+message's other keys (``tool_calls``...) count as part of its content, written as JSON.
 
 =================  =========================================================================================
 identical          chosen == rejected after whitespace normalisation
@@ -15,6 +16,9 @@ duplicate          the same (prompt, chosen, rejected) appears more than once: e
 conflict           for the same prompt, a response chosen in one pair is rejected in another (which includes the
                    two responses in both orders); a pair whose responses are identical states no preference, so
                    it neither has nor causes a conflict
+reversed_pair      strict: another pair has the same prompt with the two responses swapped (B over A beside A over
+                   B). Consistent chains from binarised rankings (A > B, B > C: B is chosen once, rejected once) are
+                   a conflict but no reversed pair: gate on this one when such chains are expected
 empty_response     chosen or rejected is empty (a conversation: its messages' contents are)
 empty_prompt       the prompt is empty
 length_ratio       longer / shorter response > 4, in tokens when a model was run, else in characters;
@@ -28,6 +32,7 @@ the edit distance is computed once per pair.
 
 from __future__ import annotations
 
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,7 +42,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-CHECKS = ("identical", "near_identical", "duplicate", "conflict", "empty_response", "empty_prompt", "length_ratio")
+CHECKS = (
+    "identical", "near_identical", "duplicate", "conflict", "reversed_pair", "empty_response", "empty_prompt",
+    "length_ratio",
+)
 SCORES = ("near_identical_score", "length_ratio_score")
 NEAR_IDENTICAL_SIMILARITY = 0.9
 # Similarities under this floor are reported as 0: those responses are clearly different, and the banded edit
@@ -151,7 +159,26 @@ def text_features(table: pd.DataFrame, workers: int | None = None) -> TextFeatur
 def _arrow(series: pd.Series) -> pa.ChunkedArray:
     if isinstance(series.dtype, pd.ArrowDtype) or getattr(series.dtype, "storage", None) == "pyarrow":
         return series.array.__arrow_array__()  # Arrow-backed (pandas str, ArrowDtype): no copy
-    return pa.chunked_array([pa.array(series.tolist())])
+    values = series.tolist()
+    if any(isinstance(v, list) for v in values):  # Python message lists (keys that differ from row to row)
+        rows = [[_comparable_message(m) for m in v] for v in values]
+        return pa.chunked_array([pa.array(rows, _MESSAGES)])
+    return pa.chunked_array([pa.array(values)])
+
+
+_MESSAGES = pa.list_(pa.struct([("role", pa.large_string()), ("content", pa.large_string())]))
+
+
+def _comparable_message(message: dict) -> dict[str, str]:
+    """A message as {role, content} for the checks: its other keys (tool_calls...) join the content as JSON, so
+    two tool calls that differ are different responses and a tool call is not an empty one."""
+    content = message.get("content")
+    content = content if isinstance(content, str) else ""
+    others = {k: v for k, v in message.items() if k not in ("role", "content")}
+    if others:
+        encoded = json.dumps(others, sort_keys=True, ensure_ascii=False, default=str)
+        content = f"{content} {encoded}" if content else encoded
+    return {"role": str(message.get("role")), "content": content}
 
 
 def _combine(a: np.ndarray, b: np.ndarray, c: np.ndarray | None = None) -> np.ndarray:
@@ -180,6 +207,11 @@ def duplicate(f: TextFeatures) -> dict[str, np.ndarray]:
     return {"duplicate": key.duplicated(keep=False).to_numpy()}
 
 
+def later_copies(f: TextFeatures) -> np.ndarray:
+    """Every copy of a duplicated (prompt, chosen, rejected) but the first: what removing duplicates drops."""
+    return pd.Series(_combine(f.prompt_key, f.chosen_key, f.rejected_key)).duplicated(keep="first").to_numpy()
+
+
 def conflict(f: TextFeatures) -> dict[str, np.ndarray]:
     """For one prompt, a response is chosen in one pair and rejected in another (A over B and B over A included)."""
     states = ~f.identical  # an identical pair states no preference: it neither has nor causes a conflict
@@ -188,6 +220,16 @@ def conflict(f: TextFeatures) -> dict[str, np.ndarray]:
     flagged = np.zeros(len(f), dtype=bool)
     flagged[states] = pd.Series(chosen).isin(rejected).to_numpy() | pd.Series(rejected).isin(chosen).to_numpy()
     return {"conflict": flagged}
+
+
+def reversed_pair(f: TextFeatures) -> dict[str, np.ndarray]:
+    """Another pair holds the same prompt with the two responses swapped: the two state opposite preferences."""
+    states = ~f.identical
+    key = _combine(f.prompt_key, f.chosen_key, f.rejected_key)[states]
+    swapped = _combine(f.prompt_key, f.rejected_key, f.chosen_key)[states]
+    flagged = np.zeros(len(f), dtype=bool)
+    flagged[states] = pd.Series(swapped).isin(key).to_numpy()
+    return {"reversed_pair": flagged}
 
 
 def empty_response(f: TextFeatures) -> dict[str, np.ndarray]:
@@ -220,7 +262,7 @@ def run_checks(
     length_ratio count tokens. Returns the check columns, aligned with the table."""
     f = features if features is not None else text_features(table)
     columns: dict[str, np.ndarray] = {}
-    for check in (identical, near_identical, duplicate, conflict, empty_response, empty_prompt):
+    for check in (identical, near_identical, duplicate, conflict, reversed_pair, empty_response, empty_prompt):
         columns.update(check(f))
     columns.update(length_ratio(f, *(tokens or (None, None))))
     return pd.DataFrame(columns, index=table.index)

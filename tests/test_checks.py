@@ -111,6 +111,23 @@ def test_summary_counts_and_rates_every_check(standard_file):
     assert summary["provenance"]["dataset"]["prompt_split"] == "column"
 
 
+@pytest.mark.parametrize("shape", ["standard", "conversational"])
+def test_reversed_pair_flags_swapped_responses_and_not_consistent_chains(standard_file, tmp_path, shape):
+    data = standard_file
+    if shape == "conversational":
+        data = tmp_path / "chat.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in conversational_records()))
+    pairs = api.audit(str(data)).pairs
+    assert flagged(pairs, "reversed_pair") == ["swap-a", "swap-b"]  # chain-a/chain-b: a conflict, not reversed
+    assert set(flagged(pairs, "conflict")) >= {"swap-a", "swap-b", "chain-a", "chain-b"}
+
+
+def test_reversed_pair_ignores_identical_pairs_and_other_prompts():
+    table = pd.DataFrame({"prompt": ["p", "p", "q", "r", "r"], "chosen": ["A", "B", "B", "X", "X"],
+                          "rejected": ["B", "A", "A", "X", "X"]})  # fmt: skip
+    assert checks.run_checks(table)["reversed_pair"].tolist() == [True, True, False, False, False]
+
+
 def test_length_ratio_counts_tokens_when_a_model_gave_them():
     table = pd.DataFrame({"prompt": ["p", "q"], "chosen": ["a" * 50, "b" * 50], "rejected": ["c" * 10, "d" * 10]})
     features = checks.text_features(table)

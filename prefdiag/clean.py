@@ -1,0 +1,206 @@
+"""`prefdiag clean`: the dataset written back in its own format and columns, minus the pairs the chosen rules
+remove, with a manifest of which pairs were removed and by which rule.
+
+Rules are boolean per-pair flags. By default the broken pairs go: ``identical``, ``empty_response``,
+``empty_prompt``, ``boundary_mismatch`` (when a tokenizer was run), ``duplicate`` (every copy but the first) and
+``conflict``. Any other boolean column of the per-pair table may be named (``reversed_pair``, ``likely_mislabeled``,
+``ref_prefers_rejected``, ``high_ches``...): those come from a saved run (``from_run``, its pairs.parquet joined by
+pair_id) or from scoring here with a reference (and policy). Cleaning a cleaned file with the model-free rules
+removes nothing (one copy of each duplicate stays)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from prefdiag import checks
+from prefdiag.data import ColumnMap, PairData, load_pairs
+from prefdiag.data.writeback import input_kind, write_rows
+from prefdiag.errors import DataError, UsageError
+
+DEFAULT_RULES = ("identical", "empty_response", "empty_prompt", "boundary_mismatch", "duplicate", "conflict")
+TOKENIZER_RULES = ("boundary_mismatch", "truncated", "dropped")  # flags a tokenizer gives
+MANIFEST_SUFFIX = ".manifest.json"
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class CleanResult:
+    """What clean wrote: the output, its manifest, and the removed pairs with the rules that removed each."""
+
+    output: Path
+    manifest: Path
+    n_pairs: int
+    removed: dict[str, list[str]] = field(default_factory=dict)  # pair_id -> rules
+    skipped_rules: dict[str, str] = field(default_factory=dict)  # rule -> why it did not run
+
+    @property
+    def n_removed(self) -> int:
+        return len(self.removed)
+
+
+def manifest_path(output: Path) -> Path:
+    """Where the manifest of a cleaned output is written: beside it, named after it."""
+    return output.with_name(output.name + MANIFEST_SUFFIX)
+
+
+def clean(
+    source: str,
+    output: str,
+    *,
+    rules: tuple[str, ...] | None = None,
+    from_run: str | None = None,
+    reference: str | None = None,
+    policy: str | None = None,
+    options: Any | None = None,
+    split: str | None = None,
+    columns: ColumnMap | None = None,
+    data_format: str = "auto",
+    progress: Any | None = None,
+) -> CleanResult:
+    """Write ``source`` to ``output`` without the pairs the rules flag, and the manifest beside it.
+
+    ``rules``: flags to remove by (default DEFAULT_RULES); ``from_run``: a saved run's output directory whose per-pair
+    table gives the flags; ``reference`` (and ``policy``) with ``options`` (api.RunOptions): score here instead."""
+    source_path, output_path = Path(source), Path(output)
+    input_kind(source_path)  # a local file or save_to_disk directory, else one clear line now
+    if output_path.resolve() == source_path.resolve():
+        raise UsageError(f"--output {output}: is the input itself; write the cleaned data elsewhere")
+    if options is not None:
+        split, columns, data_format = options.split, options.columns, options.data_format
+    data = load_pairs(source, split=split, columns=columns, data_format=data_format)
+    requested = tuple(dict.fromkeys(rules or DEFAULT_RULES))
+    table, origin = _flags(data, from_run, reference, policy, options, progress)
+    removed, skipped = _removals(data, table, requested, default=rules is None, origin=origin)
+
+    keep = np.ones(_n_input_rows(data), dtype=bool)
+    rows = data.input_rows()
+    ids = data.table["pair_id"].tolist()
+    for position, pair_id in enumerate(ids):
+        if pair_id in removed:
+            keep[rows[position]] = False
+    write_rows(source_path, output_path, keep, data.details.get("split"))
+    result = CleanResult(output_path, manifest_path(output_path), len(ids), removed, skipped)
+    _write_manifest(result, source, requested, origin, ids, rows)
+    return result
+
+
+def _n_input_rows(data: PairData) -> int:
+    return int(data.details.get("n_input_rows", len(data.table)))
+
+
+def _flags(
+    data: PairData, from_run: str | None, reference: str | None, policy: str | None, options: Any, progress: Any
+):
+    """The per-pair flags, aligned with data.table, and where they came from."""
+    if from_run is not None:
+        if reference is not None:
+            raise UsageError("--from reads a saved run's flags; give it or --reference, not both")
+        return _saved_run(data, Path(from_run)), f"run {from_run}"
+    if reference is not None:
+        from prefdiag import api
+
+        if policy:
+            result = api.compare(data, reference, policy, options, progress)
+        else:
+            result = api.audit(data, reference, options, progress)
+        return result.pairs.reset_index(drop=True), "scored with " + " and ".join(filter(None, (reference, policy)))
+    return checks.run_checks(data.table), "model-free checks"
+
+
+def _saved_run(data: PairData, out_dir: Path) -> pd.DataFrame:
+    candidates = [out_dir / f"pairs.{ext}" for ext in ("parquet", "jsonl", "csv")]
+    path = next((p for p in candidates if p.exists()), None)
+    if path is None:
+        raise UsageError(f"--from {out_dir}: no pairs.parquet (nor pairs.jsonl, pairs.csv) from a prefdiag run")
+    try:
+        if path.suffix == ".parquet":
+            pairs = pd.read_parquet(path)
+        elif path.suffix == ".jsonl":
+            pairs = pd.read_json(path, lines=True, dtype={"pair_id": str})
+        else:
+            pairs = pd.read_csv(path, dtype={"pair_id": str}, keep_default_na=False)
+    except Exception as exc:  # a corrupt table: pandas and pyarrow raise many types
+        raise DataError(f"{path}: not a readable per-pair table: {str(exc).splitlines()[0]}") from None
+    if "pair_id" not in pairs.columns:
+        raise DataError(f"{path}: no pair_id column to join the data by")
+    pairs["pair_id"] = pairs["pair_id"].astype(str)
+    ids = data.table["pair_id"].astype(str)
+    missing = ~ids.isin(pairs["pair_id"])
+    if missing.any():
+        raise DataError(f"{path}: {int(missing.sum())} of the data's {len(ids)} pair ids are not in this run (first: "
+                        f"{ids[missing].iloc[0]!r}); was it run on this data?")  # fmt: skip
+    return pairs.drop_duplicates("pair_id").set_index("pair_id").loc[ids.tolist()].reset_index()
+
+
+def _removals(
+    data: PairData, table: pd.DataFrame, rules: tuple[str, ...], *, default: bool, origin: str
+) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """pair_id -> the rules that remove it, and the rules that could not run (with why)."""
+    ids = data.table["pair_id"].tolist()
+    removed: dict[str, list[str]] = {}
+    skipped: dict[str, str] = {}
+    for rule in rules:
+        if rule == "duplicate":
+            flags = checks.later_copies(checks.text_features(data.table))
+        elif rule in table.columns and _is_flag(table[rule]):
+            flags = table[rule].fillna(False).to_numpy(bool)
+        elif rule in checks.CHECKS:
+            flags = checks.run_checks(data.table)[rule].to_numpy(bool)
+        elif default and rule in TOKENIZER_RULES:
+            skipped[rule] = "needs a tokenizer: give --reference or --from a run with a model"
+            continue
+        else:
+            available = sorted(c for c in table.columns if _is_flag(table[c])) + ["duplicate"]
+            raise UsageError(f"clean: no boolean flag {rule!r} in the per-pair table ({origin}); flags: "
+                             f"{', '.join(sorted(set(available)))}")  # fmt: skip
+        for position in np.flatnonzero(flags):
+            removed.setdefault(ids[position], []).append(rule)
+    return removed, skipped
+
+
+def _is_flag(column: pd.Series) -> bool:
+    return pd.api.types.is_bool_dtype(column) or (
+        column.dtype == object and column.dropna().map(lambda v: isinstance(v, (bool, np.bool_))).all()
+    )
+
+
+def _write_manifest(
+    result: CleanResult, source: str, rules: tuple[str, ...], origin: str, ids: list[str], rows: np.ndarray
+) -> None:
+    counts = {rule: sum(rule in r for r in result.removed.values()) for rule in rules
+              if rule not in result.skipped_rules}  # fmt: skip
+    position = {pair_id: i for i, pair_id in enumerate(ids)}
+    in_order = sorted(result.removed, key=position.__getitem__)
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "source": str(source),
+        "output": str(result.output),
+        "flags_from": origin,
+        "rules": list(rules),
+        "skipped_rules": result.skipped_rules,
+        "n_pairs": result.n_pairs,
+        "n_removed": result.n_removed,
+        "n_kept": result.n_pairs - result.n_removed,
+        "removed_by_rule": counts,
+        "removed": [
+            {"pair_id": pair_id, "row": int(rows[position[pair_id]]) + 1, "rules": result.removed[pair_id]}
+            for pair_id in in_order
+        ],
+    }
+    text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
+    handle, temporary = tempfile.mkstemp(prefix=f".{result.manifest.name}.", dir=result.manifest.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(temporary, result.manifest)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

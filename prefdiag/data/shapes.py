@@ -1,0 +1,153 @@
+"""Preference data not yet in prompt/chosen/rejected shape, turned into pairs before validation:
+
+- ``rated``: a prompt (``instruction`` or ``prompt``) with a list of ``completions``, each rated (UltraFeedback raw):
+  binarised as HuggingFaceH4's ultrafeedback_binarized recipe does: the best-rated completion is chosen and one of
+  the others, drawn at random (seeded), rejected. A completion's rating is its ``overall_score``, else the mean of
+  its ``annotations`` ratings (UltraFeedback's four aspects; "N/A" skipped). ``rated-best-worst``: the worst-rated one
+  is rejected instead. The rejected answer is drawn among the completions rated strictly below the chosen one, so
+  rows whose completions all tie (or with fewer than two rated completions) are dropped and counted.
+- ``shp``: two responses with a preference label or scores (SHP: ``history``, ``human_ref_A``, ``human_ref_B``,
+  ``labels`` = 1 when A is preferred; without ``labels``, the higher of ``score_A`` / ``score_B``, ties dropped).
+- ``kto``: unpaired rows (``prompt``, ``completion``, ``label`` true/false) are detected and refused with what is
+  supported: prefdiag scores pairs.
+
+Every other column passes through; the pair id is the input row's ``id`` when present, else its row number, so a
+pair still joins back to the row it came from."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+
+from prefdiag.data.readers import json_rows
+from prefdiag.errors import DataError
+
+SHAPES = ("rated", "rated-best-worst", "shp", "kto")
+RATED_PROMPTS = ("instruction", "prompt")
+SHP_COLUMNS = ("human_ref_A", "human_ref_B")
+
+
+def detect_shape(names: list[str]) -> str | None:
+    """The shape the column names say, or None for prompt/chosen/rejected data."""
+    if "chosen" in names or "rejected" in names:
+        return None
+    if "completions" in names and any(p in names for p in RATED_PROMPTS):
+        return "rated"
+    if all(c in names for c in SHP_COLUMNS):
+        return "shp"
+    if "completion" in names and "label" in names:
+        return "kto"
+    return None
+
+
+def to_pairs(
+    frame: pa.Table | pd.DataFrame, shape: str, source: str, json_path: Path | None, seed: int = 0
+) -> tuple[pd.DataFrame, dict[str, Any], list[int]]:
+    """The rows as prompt/chosen/rejected records (Python objects), the provenance details of the conversion, and
+    the input row (0-based) each pair came from."""
+    if shape == "kto":
+        raise DataError(
+            f"{source}: unpaired KTO rows (prompt, completion, label) detected; prefdiag scores preference pairs: "
+            "prompt/chosen/rejected, two responses with a label (--data-format shp) or rated completions "
+            "(--data-format rated); per-response scoring of KTO data is not supported yet"
+        )
+    rows = list(json_rows(json_path)) if json_path is not None else _rows(frame)
+    pairs = _rated(rows, source, shape, seed) if shape.startswith("rated") else _shp(rows, source)
+    records, details = pairs
+    if not records:
+        raise DataError(f"{source}: no pairs: {details['n_ties_dropped']} of {len(rows)} rows are ties")
+    numbers = [record.pop(_ROW) for record in records]
+    return pd.DataFrame.from_records(records), {"shape": shape, "n_input_rows": len(rows), **details}, numbers
+
+
+def _rows(frame: pa.Table | pd.DataFrame) -> list[dict]:
+    if isinstance(frame, pa.Table):
+        return frame.to_pylist()
+    return [{k: v for k, v in row.items() if not (isinstance(v, float) and v != v)} for row in
+            frame.to_dict("records")]  # fmt: skip
+
+
+_ROW = "\0row"  # where a record remembers its input row until the table is built
+
+
+def _with_id(row: dict, number: int) -> dict:
+    return {_ROW: number, "id": row["id"] if "id" in row else number}
+
+
+def _rated(rows: list[dict], source: str, shape: str, seed: int) -> tuple[list[dict], dict[str, Any]]:
+    rng = random.Random(seed)
+    prompt_column = next(p for p in RATED_PROMPTS if any(p in row for row in rows))
+    records, ties = [], 0
+    for number, row in enumerate(rows):
+        completions = row.get("completions")
+        if isinstance(completions, str):  # a CSV cell: JSON text
+            try:
+                completions = json.loads(completions)
+            except json.JSONDecodeError:
+                pass
+        if not isinstance(completions, list):
+            raise DataError(f"{source}: row {number + 1}, column 'completions': expected a list of completions")
+        rated = [(rating(c, source, number), _response(c, source, number)) for c in completions]
+        rated = [(score, text) for score, text in rated if score is not None]
+        if len(rated) < 2 or len({score for score, _ in rated}) == 1:
+            ties += 1
+            continue
+        best = max(range(len(rated)), key=lambda i: rated[i][0])  # the first of the best-rated
+        lower = [i for i, (score, _) in enumerate(rated) if score < rated[best][0]]
+        worst = min(lower, key=lambda i: rated[i][0])
+        rejected = worst if shape == "rated-best-worst" else rng.choice(lower)
+        extra = {k: v for k, v in row.items() if k not in ("completions", prompt_column, "id")}
+        records.append({**_with_id(row, number), "prompt": row.get(prompt_column), "chosen": rated[best][1],
+                        "rejected": rated[rejected][1], "score_chosen": rated[best][0],
+                        "score_rejected": rated[rejected][0], **extra})  # fmt: skip
+    return records, {"n_ties_dropped": ties, "binarize_seed": seed, "prompt_column": prompt_column}
+
+
+def rating(completion: Any, source: str, row: int) -> float | None:
+    """A completion's rating: ``overall_score``, else the mean of its annotations' numeric ratings; None if none."""
+    if not isinstance(completion, dict):
+        raise DataError(f"{source}: row {row + 1}, column 'completions': expected objects with a response and ratings")
+    if isinstance(completion.get("overall_score"), (int, float)):
+        return float(completion["overall_score"])
+    annotations = completion.get("annotations")
+    values = []
+    for annotation in (annotations.values() if isinstance(annotations, dict) else []):
+        for item in annotation if isinstance(annotation, list) else [annotation]:
+            value = item.get("Rating") if isinstance(item, dict) else item
+            try:
+                values.append(float(value))
+            except (TypeError, ValueError):
+                continue  # "N/A"
+    return sum(values) / len(values) if values else None
+
+
+def _response(completion: dict, source: str, row: int) -> Any:
+    for key in ("response", "text", "completion", "output"):
+        if key in completion:
+            return completion[key]
+    raise DataError(f"{source}: row {row + 1}, column 'completions': a completion without a 'response'")
+
+
+def _shp(rows: list[dict], source: str) -> tuple[list[dict], dict[str, Any]]:
+    records, ties = [], 0
+    for number, row in enumerate(rows):
+        a, b = row.get("human_ref_A"), row.get("human_ref_B")
+        label = row.get("labels", row.get("label"))
+        if label is None and "score_A" in row and "score_B" in row:
+            if row["score_A"] == row["score_B"]:
+                ties += 1
+                continue
+            label = int(row["score_A"] > row["score_B"])
+        if label not in (0, 1, True, False, "0", "1"):
+            raise DataError(f"{source}: row {number + 1}, column 'labels': expected 1 (A preferred) or 0 (B), got "
+                            f"{label!r}")  # fmt: skip
+        a_wins = str(int(label)) == "1" if not isinstance(label, str) else label == "1"
+        extra = {k: v for k, v in row.items() if k not in ("history", "prompt", "human_ref_A", "human_ref_B", "id")}
+        records.append({**_with_id(row, number), "prompt": row.get("history", row.get("prompt")),
+                        "chosen": a if a_wins else b, "rejected": b if a_wins else a, **extra})  # fmt: skip
+    return records, {"n_ties_dropped": ties}

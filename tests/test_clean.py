@@ -1,0 +1,140 @@
+"""`prefdiag clean` writes the dataset back in its own format, order and columns without exactly the planted
+broken pairs, with a manifest saying which rule removed each, and cleaning the result removes nothing."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pandas as pd
+import pytest
+import typer
+from conftest import make_pairs
+from test_data_formats import STANDARD_FORMATS, write
+from typer.testing import CliRunner
+
+from prefdiag.clean import clean, manifest_path
+from prefdiag.cli import app as main_app
+from prefdiag.cli.clean_command import clean as clean_command
+from prefdiag.data import load_pairs
+
+runner = CliRunner()
+app = typer.Typer()  # the command as the integrator registers it: `prefdiag clean`
+app.command("clean")(clean_command)
+app.command("other")(lambda: None)  # two commands, so typer keeps the command name
+
+
+def planted() -> tuple[list[dict], dict[str, list[str]]]:
+    """Pairs with extra columns, some planted broken; and the rules that must remove each planted pair."""
+    records = [{**r, "category": "abc"[i % 3], "score": i * 0.5} for i, r in enumerate(make_pairs(14))]
+    records[3]["rejected"] = records[3]["chosen"]  # identical
+    records[5]["chosen"] = "  "  # empty response
+    records[6]["prompt"] = ""  # empty prompt
+    records[8].update({k: records[1][k] for k in ("prompt", "chosen", "rejected")})  # a copy of q001: q001 stays
+    records[10].update(prompt=records[9]["prompt"], chosen=records[9]["rejected"], rejected=records[9]["chosen"])
+    expected = {"q003": ["identical"], "q005": ["empty_response"], "q006": ["empty_prompt"], "q008": ["duplicate"],
+                "q009": ["conflict"], "q010": ["conflict"]}  # fmt: skip
+    return records, expected
+
+
+def output_name(path, fmt: str, tmp_path):
+    if fmt == "saved":
+        return tmp_path / "cleaned"
+    suffix = "".join(path.suffixes)
+    return tmp_path / f"cleaned{suffix}"
+
+
+@pytest.mark.parametrize("fmt", STANDARD_FORMATS)
+def test_clean_removes_exactly_the_planted_pairs_in_every_format_and_is_idempotent(tmp_path, fmt):
+    records, expected = planted()
+    path = write(records, tmp_path / "data", fmt)
+    out = output_name(path, fmt, tmp_path)
+    result = runner.invoke(app, ["clean", str(path), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "removed 6 of 14 pairs" in result.stdout and "skipped: boundary_mismatch" in result.stdout
+    kept = [r for r in records if r["id"] not in expected]
+    table = load_pairs(str(out)).table
+    assert table["pair_id"].tolist() == [r["id"] for r in kept], fmt  # input order
+    assert table[["prompt", "chosen", "rejected", "category"]].to_dict("records") == [
+        {k: r[k] for k in ("prompt", "chosen", "rejected", "category")} for r in kept]
+    assert [str(s) for s in table["score"]] == [str(r["score"]) for r in kept]  # an extra column as written
+    manifest = json.loads(manifest_path(out).read_text())
+    assert {r["pair_id"]: r["rules"] for r in manifest["removed"]} == expected
+    assert [r["row"] for r in manifest["removed"]] == [4, 6, 7, 9, 10, 11]
+    assert manifest["n_removed"] == 6 and manifest["n_kept"] == 8 and manifest["removed_by_rule"]["conflict"] == 2
+    assert manifest["skipped_rules"] == {"boundary_mismatch": manifest["skipped_rules"]["boundary_mismatch"]}
+
+    again = clean(str(out), str(output_name(path, fmt, tmp_path / "again")))
+    assert again.n_removed == 0 and again.n_pairs == 8
+
+
+def test_jsonl_lines_are_written_back_byte_for_byte(tmp_path):
+    records, expected = planted()
+    path = tmp_path / "data.jsonl"
+    lines = [json.dumps(r, ensure_ascii=False, indent=None, separators=(",", ":")) + "\n" for r in records]
+    lines[2] = lines[2].replace('"id":', '"id" :  ')  # spacing of its own
+    path.write_text("".join(lines))
+    clean(str(path), str(tmp_path / "out.jsonl.gz"))
+    kept = [line for line, r in zip(lines, records) if r["id"] not in expected]
+    assert gzip.decompress((tmp_path / "out.jsonl.gz").read_bytes()).decode() == "".join(kept)
+
+
+def test_rules_from_a_saved_run_join_by_pair_id(model_dirs, tmp_path):
+    records, _ = planted()
+    path = write(records, tmp_path / "data", "parquet")
+    run = tmp_path / "run"
+    result = runner.invoke(main_app, ["audit", str(path), "-r", str(model_dirs["llama"]), "--device", "cpu",
+                                      "--no-cache", "--output", str(run), "--quiet"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    pairs = pd.read_parquet(run / "pairs.parquet")
+    flagged = pairs.loc[pairs["ref_prefers_rejected"].to_numpy(bool), "pair_id"].tolist()
+    assert 0 < len(flagged) < len(pairs)
+    out = tmp_path / "kept.parquet"
+    result = runner.invoke(app, ["clean", str(path), "-o", str(out), "--from", str(run), "--rule",
+                                 "ref_prefers_rejected"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert pd.read_parquet(out)["id"].tolist() == [r["id"] for r in records if r["id"] not in flagged]
+    manifest = json.loads(manifest_path(out).read_text())
+    assert manifest["flags_from"] == f"run {run}" and [r["pair_id"] for r in manifest["removed"]] == flagged
+
+    default = clean(str(path), str(tmp_path / "default.parquet"), from_run=str(run))
+    assert not default.skipped_rules  # the run had a tokenizer: boundary_mismatch was a rule
+    assert set(default.removed) == {"q003", "q005", "q006", "q008", "q009", "q010"} | set(
+        pairs.loc[pairs["boundary_mismatch"].to_numpy(bool), "pair_id"])
+
+
+def test_rated_completions_are_cleaned_as_their_input_rows(tmp_path):
+    rows = [{"instruction": f"Q{i}?", "completions": [{"response": " same", "overall_score": 9.0},
+                                                       {"response": " same" if i == 1 else f" other {i}",
+                                                        "overall_score": 2.0}]} for i in range(3)]  # fmt: skip
+    rows.append({"instruction": "tie", "completions": [{"response": " a", "overall_score": 5.0},
+                                                       {"response": " b", "overall_score": 5.0}]})  # fmt: skip
+    path = write(rows, tmp_path / "uf", "jsonl")
+    result = clean(str(path), str(tmp_path / "out.jsonl"))
+    assert list(result.removed) == ["1"]  # the identical pair, by its input row; the tie row is no pair: kept
+    assert [json.loads(line)["instruction"] for line in (tmp_path / "out.jsonl").read_text().splitlines()] == [
+        "Q0?", "Q2?", "tie"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rule", "nonsense"], "clean: no boolean flag 'nonsense' in the per-pair table (model-free checks); flags:"),
+        (["--rule", "ref_prefers_rejected"], "no boolean flag 'ref_prefers_rejected'"),
+        (["--from", "{tmp}/absent"], "no pairs.parquet"),
+    ],
+)
+def test_bad_rules_are_one_line_and_write_nothing(tmp_path, args, message):
+    path = write(planted()[0], tmp_path / "data", "jsonl")
+    out = tmp_path / "out.jsonl"
+    result = runner.invoke(app, ["clean", str(path), "-o", str(out), *[a.format(tmp=tmp_path) for a in args]])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not out.exists() and not manifest_path(out).exists()
+
+
+def test_output_must_keep_the_input_format(tmp_path):
+    path = write(planted()[0], tmp_path / "data", "jsonl")
+    result = runner.invoke(app, ["clean", str(path), "-o", str(tmp_path / "out.csv")])
+    assert result.exit_code == 2 and "expected a jsonl file name like the input" in result.stderr
