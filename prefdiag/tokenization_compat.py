@@ -87,8 +87,9 @@ def _rewardbench_messages(prompt: Any, answer: Any, row: int, side: str) -> tupl
         messages = [{"role": "user" if k % 2 == 0 else "assistant", "content": m.get("content")}
                     for k, m in enumerate(prompt)]
         if messages[-1]["role"] != "user":
-            raise DataError(f"row {row + 1}: --compat rewardbench needs a prompt that ends with a user turn "
-                            f"(an odd number of messages)")
+            raise DataError(f"row {row + 1}: --compat rewardbench gives the prompt's messages the roles user, "
+                            f"assistant, user... by position, so a prompt needs an odd number of them "
+                            f"(a system message counts), got {len(messages)}")
     if isinstance(answer, str):
         return messages, answer
     if len(answer) != 1 or not isinstance(answer[0].get("content"), str):
