@@ -254,3 +254,24 @@ def test_bad_chat_template_files_name_the_file_and_line(tmp_path, content, messa
 def test_a_directory_is_not_a_chat_template(tmp_path):
     with pytest.raises(DataError, match="cannot be read"):
         load_chat_template(tmp_path)
+
+
+def test_tools_as_json_strings_through_trls_dpotrainer_on_a_dataset(tmp_path):
+    """The same through a real DPOTrainer on a datasets.Dataset (tools as JSON strings, as Arrow keeps them whole,
+    and chat_template_kwargs in every row, as TRL 1.x's ``**example.get(...)`` needs)."""
+    from datasets import Dataset
+    from oracle import make_trainer
+
+    tokenizer = tool_tokenizer()
+    picked = [tool_rows()[i] for i in (0, 3, 4)]  # one shape of tool-call arguments: Arrow adds no keys to it
+    rows = [dict(r, tools=json.dumps(r.get("tools", [])), chat_template_kwargs={"persona": f"helper {i}"})
+            for i, r in enumerate(picked)]
+    columns = ("prompt", "chosen", "rejected", "tools", "chat_template_kwargs")
+    dataset = Dataset.from_list([{k: r[k] for k in columns} for r in rows])
+    expected = [dict(ex) for ex in make_trainer(tokenizer, dataset, tmp_path).eval_dataset]
+    ours = _ours(tokenizer, rows, **_columns(rows))
+    assert ours.prompt_ids == [ex["prompt_ids"] for ex in expected]
+    assert ours.chosen_ids == [ex["chosen_ids"] for ex in expected]
+    assert ours.rejected_ids == [ex["rejected_ids"] for ex in expected]
+    assert ["<tools>" in tokenizer.decode(p) for p in ours.prompt_ids] == [True, False, False]  # "[]": no preamble
+    assert all(f"helper {i}" in tokenizer.decode(p) for i, p in enumerate(ours.prompt_ids))
