@@ -5,7 +5,8 @@
   the renders); prompt, chosen and rejected are tokenized separately with ``add_special_tokens=False``; EOS is
   appended to both completions (always; no BOS is added for a decoder-only model); the prompt keeps its last
   ``max_prompt_length`` tokens (default 512); with ``max_length``, prompt+completion is cut from the start
-  (``keep_end``), the same number of leading tokens from both rows of a pair.
+  (``keep_end``), the same number of leading tokens from both rows of a pair (a row whose prompt is cut away
+  entirely has its first completion token unscored, as TRL's shifted labels leave it).
 - ``rewardbench``: RewardBench's DPO scorer (``rewardbench/dpo.py`` with ``prepare_dialogue_from_tokenizer``): the
   prompt is the chat-template render of the user turn(s) without a generation prompt, each answer the render of
   the whole conversation; both are tokenized without special tokens from ``prompt + answer``, the answer starting
@@ -15,7 +16,8 @@
   answers keep their first ``max_length - max_prompt_length``.
 
 Truncation is computed per pair (TRL 0.x cut a padded batch, so with several pairs per batch its cut also depends
-on the longest pair of the batch). A pair that no shared prompt can represent is reported unscored (``dropped``).
+on the longest pair of the batch: the numbers match a run with one pair per batch, and any run where no pair
+needed cutting). A pair that no shared prompt can represent is reported unscored (``dropped``).
 """
 
 from __future__ import annotations
@@ -70,12 +72,14 @@ def tokenize_trl0(tokenizer, prompts, chosen, rejected, kwargs: Sequence[dict], 
         out["chosen_full"].append(len(c))
         out["rejected_full"].append(len(r))
         cut = 0 if max_length is None else max(0, len(p) + max(len(c), len(r)) - max_length)
-        dropped = cut >= len(p) and cut > 0  # the cut reaches the completions: their first token loses its context
-        out["prompt"].append([] if dropped else p[cut:])
-        out["chosen"].append([] if dropped else c)
-        out["rejected"].append([] if dropped else r)
+        into = max(0, cut - len(p))  # completion tokens cut too: with the prompt gone, a row's first token is
+        c, r = c[into:], r[into:]  # never scored (no predictor), as with an empty prompt here
+        dropped = not c or not r
+        out["prompt"].append(p[cut:])
+        out["chosen"].append(c)
+        out["rejected"].append(r)
         out["mismatch"].append(False)
-        out["truncated"].append(dropped)
+        out["truncated"].append(cut >= len(p) and cut > 0)
         out["dropped"].append(dropped)
     return out
 

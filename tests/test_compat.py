@@ -56,21 +56,20 @@ def test_trl0_tokenizes_each_part_without_special_tokens_and_appends_eos():
 def test_trl0_keeps_the_end_of_the_prompt_and_of_prompt_plus_completion():
     tokenizer = build_tokenizer("gpt2")
     prompts = ["a b c d e f g h i j k l", "q: what is the capital", "x"]
-    chosen = [" the cat sat on the mat.", " paris", " one two three four five six seven eight nine ten eleven"]
-    rejected = [" no.", " london is the capital of it all", " y"]
+    chosen = [" the cat sat on the mat.", " paris", " cat dog bird sky sea sun moon red blue green big"]
+    rejected = [" no.", " london is the capital of it all", " yes it is so"]
     ours = tokenize_pairs(tokenizer, prompts, chosen, rejected, compat="trl0", max_prompt_length=6, max_length=12)
     eos = tokenizer.eos_token_id
     for i in range(3):
         p = _enc(tokenizer, prompts[i])[-6:]
         c, r = _enc(tokenizer, chosen[i]) + [eos], _enc(tokenizer, rejected[i]) + [eos]
         context, (scored_c, scored_r) = _scored_after_keep_end(p, c, r, 12)
-        if len(p) + max(len(c), len(r)) - 12 >= len(p):  # the cut reaches the completions: reported unscored
-            assert ours.dropped[i] and ours.truncated[i]
-            continue
         assert ours.prompt_ids[i] == context[0] == context[1]
-        assert ours.chosen_ids[i] == scored_c and ours.rejected_ids[i] == scored_r
+        first = 0 if ours.prompt_ids[i] else 1  # the engine never scores the first token of a row
+        assert ours.chosen_ids[i][first:] == scored_c and ours.rejected_ids[i][first:] == scored_r
         assert ours.chosen_full_tokens[i] == len(c)
-    assert ours.dropped.tolist() == [False, False, True]
+    assert ours.truncated.tolist() == [False, False, True] and not ours.dropped.any()
+    assert ours.prompt_ids[2] == [] and len(ours.chosen_ids[2]) == 12
     assert len(ours.prompt_ids[0]) < 6  # the prompt lost its start to make room
 
 
