@@ -233,6 +233,7 @@ def tokenization_key(tokenizer, prompts: Sequence[Any], chosen: Sequence[Any], r
     digest = hashlib.sha256()
     header = {
         "scheme": COMPAT_SCHEMES.get(compat, compat),
+        "settings_version": 2,  # 2: settings count tools rows and pairs over TRL's default max_length
         "max_length": max_length,
         **({"max_prompt_length": max_prompt_length} if max_prompt_length is not None else {}),
         "class": type(tokenizer).__name__,
@@ -247,7 +248,7 @@ def tokenization_key(tokenizer, prompts: Sequence[Any], chosen: Sequence[Any], r
         digest.update(json.dumps(row, ensure_ascii=False, sort_keys=True, default=str).encode())
         digest.update(b"\n")
     for name, column in (("tools", tools), ("documents", documents), ("chat_template_kwargs", template_kwargs)):
-        if column is not None:  # only when given, so keys of runs without these columns stay as they were
+        if column is not None:  # only when given: a run without these columns hashes as if they did not exist
             digest.update(name.encode())
             for value in column:  # key order kept: the template renders dicts in their written order
                 digest.update(json.dumps(value, ensure_ascii=False, default=str).encode())
