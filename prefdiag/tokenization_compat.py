@@ -47,6 +47,9 @@ def trl0_texts(tokenizer, prompt: Any, chosen: Any, rejected: Any, row: int, kwa
     if isinstance(prompt, str):
         return prompt, chosen, rejected
     last_role = prompt[-1].get("role")
+    if last_role not in ("user", "tool", "assistant"):
+        raise DataError(f"row {row + 1}: --compat trl0 needs a prompt whose last message is a user, tool or "
+                        f"assistant turn, got {last_role!r}")
     generation = last_role in ("user", "tool")
     text_p = chat_text(tokenizer, list(prompt), row, add_generation_prompt=generation,
                        continue_final_message=not generation, **kwargs)
@@ -127,7 +130,7 @@ def tokenize_rewardbench(tokenizer, prompts, chosen, rejected, *, max_length: in
         cut_sides = []
         for side_prompt, answer in sides:
             if len(side_prompt) + longer > total:
-                side_prompt = side_prompt[-keep:] if keep else []
+                side_prompt = side_prompt[-keep:]  # Python slicing as in the source (0 keeps everything)
             if len(side_prompt) + longer > total:
                 answer = answer[: total - keep]
             cut_sides.append((side_prompt, answer))

@@ -169,3 +169,11 @@ def test_pairs_over_trl_default_max_length_are_counted_without_max_length():
     assert ours.settings["n_over_trl_default_max_length"] == sum(n > 1024 for n in lengths) == 2
     assert tokenize_pairs(tokenizer, prompts, chosen, rejected, max_length=2048).settings[
         "n_over_trl_default_max_length"] is None
+
+
+def test_trl0_refuses_a_prompt_ending_in_a_role_it_cannot_continue():
+    tokenizer = build_tokenizer("qwen")
+    prompt = [{"role": "user", "content": "hi"}, {"role": "system", "content": "be kind"}]
+    with pytest.raises(DataError, match="row 1: --compat trl0 .* got 'system'"):
+        tokenize_pairs(tokenizer, [prompt], [[{"role": "assistant", "content": "a"}]],
+                       [[{"role": "assistant", "content": "b"}]], compat="trl0")
