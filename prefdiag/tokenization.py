@@ -144,6 +144,32 @@ def tokenize_pairs(
     )
 
 
+TEMPLATE_COLUMNS = {"tools": "tools", "documents": "documents", "template_kwargs": "chat_template_kwargs"}
+
+
+def template_columns(table) -> dict[str, list | None]:
+    """The ``tools`` / ``documents`` / ``chat_template_kwargs`` columns of a pairs table as tokenize_pairs (and
+    tokenization_key) keyword arguments; None for a column the table does not have."""
+    present = set(getattr(table, "columns", ()))
+    return {arg: (list(table[column]) if column in present else None) for arg, column in TEMPLATE_COLUMNS.items()}
+
+
+def settings_notes(settings: dict[str, Any]) -> list[str]:
+    """One-line notes on how the tokenization may differ from the user's TRL run, for the summary and terminal."""
+    notes = []
+    over = settings.get("n_over_trl_default_max_length")
+    if over:
+        notes.append(f"{over} pair{'s' if over != 1 else ''} exceed{'s' if over == 1 else ''} "
+                     f"{TRL_DEFAULT_MAX_LENGTH} tokens, TRL's default max_length, and were scored whole: a TRL run "
+                     f"with default settings truncated them; pass --max-length {TRL_DEFAULT_MAX_LENGTH} to match it")
+    docs = settings.get("documents_not_rendered")
+    if docs:
+        notes.append(f"{docs} row{'s' if docs != 1 else ''} ha{'ve' if docs != 1 else 's'} a documents column, which "
+                     f"TRL 1.x's DPOTrainer does not pass to the chat template (nor does prefdiag); put them in "
+                     f"chat_template_kwargs to render them")
+    return notes
+
+
 def _effective_max_prompt_length(compat: str, max_prompt_length: int | None) -> int | None:
     if compat == "trl0":
         from prefdiag.tokenization_compat import TRL0_MAX_PROMPT_LENGTH

@@ -275,3 +275,18 @@ def test_tools_as_json_strings_through_trls_dpotrainer_on_a_dataset(tmp_path):
     assert ours.rejected_ids == [ex["rejected_ids"] for ex in expected]
     assert ["<tools>" in tokenizer.decode(p) for p in ours.prompt_ids] == [True, False, False]  # "[]": no preamble
     assert all(f"helper {i}" in tokenizer.decode(p) for i, p in enumerate(ours.prompt_ids))
+
+
+def test_template_columns_of_a_pairs_table_and_the_notes():
+    import pandas as pd
+
+    from prefdiag.tokenization import settings_notes, template_columns
+
+    rows = tool_rows()
+    table = pd.DataFrame({"prompt": [r["prompt"] for r in rows], "tools": [r.get("tools") for r in rows]})
+    columns = template_columns(table)
+    assert columns == {"tools": [r.get("tools") for r in rows], "documents": None, "template_kwargs": None}
+    assert settings_notes({"n_over_trl_default_max_length": 0, "documents_not_rendered": 0}) == []
+    notes = settings_notes({"n_over_trl_default_max_length": 3, "documents_not_rendered": 1})
+    assert notes[0].startswith("3 pairs exceed 1024 tokens") and notes[0].endswith("pass --max-length 1024 to match it")
+    assert notes[1].startswith("1 row has a documents column")
