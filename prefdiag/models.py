@@ -261,7 +261,8 @@ def check_same_vocabulary(
         return  # byte-identical tokenizer files: nothing to load (a 150k-token tokenizer takes seconds)
     policy_vocab = policy_vocabulary_from_files(policy)
     if policy_vocab is None:  # no tokenizer.json to read (a slow-only tokenizer, a hub id): load it to compare
-        policy_tokenizer = maybe_load_tokenizer(policy, revision=policy_revision, trust_remote_code=trust_remote_code)
+        policy_tokenizer = maybe_load_tokenizer(policy, revision=policy_revision,
+                                                trust_remote_code=trust_remote_code)
         policy_vocab = None if policy_tokenizer is None else policy_tokenizer.get_vocab()
     if policy_vocab is not None and policy_vocab != tokenizer.get_vocab():
         raise ModelError(

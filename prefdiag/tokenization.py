@@ -135,12 +135,13 @@ def tokenize_pairs(
         "documents_not_rendered": count_present(documents),
         "n_over_trl_default_max_length": over,
     }
-    as_array = np.asarray
+    def column(name: str, dtype) -> np.ndarray:
+        return np.asarray(parts[name], dtype=dtype).reshape(n)
+
     return TokenizedPairs(
-        parts["prompt"], parts["chosen"], parts["rejected"],
-        as_array(parts["chosen_full"], dtype=np.int64).reshape(n), as_array(parts["rejected_full"], dtype=np.int64).reshape(n),
-        as_array(parts["mismatch"], dtype=bool).reshape(n), as_array(parts["truncated"], dtype=bool).reshape(n),
-        as_array(parts["dropped"], dtype=bool).reshape(n), settings,
+        parts["prompt"], parts["chosen"], parts["rejected"], column("chosen_full", np.int64),
+        column("rejected_full", np.int64), column("mismatch", bool), column("truncated", bool),
+        column("dropped", bool), settings,
     )
 
 

@@ -30,7 +30,7 @@ You are provided with function signatures within <tools></tools> XML tags:
 {%- endfor %}
 </tools>
 
-For each function call, return a json object with function name and arguments within <tool_call></tool_call> tags.<|im_end|>
+For each function call, return a json object with name and arguments in <tool_call></tool_call> tags.<|im_end|>
 {% else %}<|im_start|>system
 {% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% else %}You are a helpful assistant.{% endif %}
 {% if persona is defined %}You are {{ persona }}.{% endif %}<|im_end|>
@@ -180,8 +180,9 @@ def test_template_inputs_are_part_of_the_token_cache_key():
     assert key == tokenization_key(tokenizer, *texts, **_columns(tool_rows()))
     other_tools = dict(columns, tools=[None] + columns["tools"][1:])
     other_kwargs = dict(columns, template_kwargs=[None] * len(rows))
-    keys = {key, tokenization_key(tokenizer, *texts, **other_tools), tokenization_key(tokenizer, *texts, **other_kwargs),
-            tokenization_key(tokenizer, *texts), tokenization_key(tokenizer, *texts, documents=[[{"t": "x"}]] * 5)}
+    keys = {key, tokenization_key(tokenizer, *texts, **other_tools),
+            tokenization_key(tokenizer, *texts, **other_kwargs), tokenization_key(tokenizer, *texts),
+            tokenization_key(tokenizer, *texts, documents=[[{"t": "x"}]] * 5)}
     assert len(keys) == 5
 
 
