@@ -177,3 +177,33 @@ def test_trl0_refuses_a_prompt_ending_in_a_role_it_cannot_continue():
     with pytest.raises(DataError, match="row 1: --compat trl0 .* got 'system'"):
         tokenize_pairs(tokenizer, [prompt], [[{"role": "assistant", "content": "a"}]],
                        [[{"role": "assistant", "content": "b"}]], compat="trl0")
+
+
+def test_trl0_keep_end_scores_equal_trl0s_truncated_rows(model_dirs):
+    """The engine's log-probs on the trl0 layout equal log p of the completion tokens TRL 0.x's keep_end rows leave
+    scored (one pair per batch), including a pair whose prompt is cut away entirely."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from prefdiag.scoring import LogProbScorer, ScoreSettings
+
+    tokenizer = build_tokenizer("gpt2")
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["gpt2"]).float().eval()
+    prompts = ["a b c d e f g h i j k l", "q: what is the capital", "x"]
+    chosen = [" the cat sat on the mat.", " paris", " cat dog bird sky sea sun moon red blue green big"]
+    rejected = [" no.", " london is the capital of it all", " yes it is so"]
+    ours = tokenize_pairs(tokenizer, prompts, chosen, rejected, compat="trl0", max_prompt_length=6, max_length=12)
+    got_c, got_r = LogProbScorer(model, ScoreSettings(batch_tokens=64)).score(ours)
+    eos = tokenizer.eos_token_id
+    for i in range(3):
+        p = _enc(tokenizer, prompts[i])[-6:]
+        for side, text, got in (("chosen", chosen[i], got_c[i]), ("rejected", rejected[i], got_r[i])):
+            other = rejected[i] if side == "chosen" else chosen[i]
+            c = _enc(tokenizer, text) + [eos]
+            start = max(0, len(p) + max(len(c), len(_enc(tokenizer, other)) + 1) - 12)
+            row = (p + c)[start:]
+            mask = ([0] * len(p) + [1] * len(c))[start:]
+            with torch.no_grad():
+                logps = torch.log_softmax(model(torch.tensor([row])).logits[0].double(), -1)
+            expected = sum(float(logps[j - 1, row[j]]) for j in range(1, len(row)) if mask[j])
+            assert got == pytest.approx(expected, abs=1e-4), (i, side)
