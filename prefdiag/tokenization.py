@@ -89,6 +89,9 @@ def tokenize_pairs(
     applies to trl0 / rewardbench. ``progress(n)`` is called as chunks of pairs are done."""
     if compat not in COMPAT_SCHEMES:
         raise UsageError(f"unknown --compat {compat!r}: expected one of {', '.join(COMPAT_SCHEMES)}")
+    if max_prompt_length is not None and (compat == "trl1" or max_prompt_length < 1):
+        raise UsageError("--max-prompt-length must be a positive number of tokens, and applies to --compat trl0 and "
+                         f"rewardbench only (TRL 1.x has no prompt limit); got {max_prompt_length} with {compat}")
     n = len(prompts)
     for name, column in (("tools", tools), ("documents", documents), ("chat_template_kwargs", template_kwargs)):
         if column is not None and len(column) != n:

@@ -154,6 +154,9 @@ def test_unknown_compat_and_the_scheme_in_the_cache_key():
     tokenizer = build_tokenizer("gpt2")
     with pytest.raises(UsageError, match="unknown --compat 'trl2'"):
         tokenize_pairs(tokenizer, ["q"], [" a"], [" b"], compat="trl2")
+    for compat, limit in (("trl1", 8), ("trl0", 0)):
+        with pytest.raises(UsageError, match="--max-prompt-length must be a positive .* got"):
+            tokenize_pairs(tokenizer, ["q"], [" a"], [" b"], compat=compat, max_prompt_length=limit)
     texts = (["q"], [" a"], [" b"])
     keys = {tokenization_key(tokenizer, *texts, compat=c) for c in ("trl1", "trl0", "rewardbench")}
     keys.add(tokenization_key(tokenizer, *texts, compat="trl0", max_prompt_length=8))
