@@ -277,8 +277,12 @@ def check_same_vocabulary(
         )
     if _same_tokenizer_files(reference, policy):
         return  # byte-identical tokenizer files: nothing to load (a 150k-token tokenizer takes seconds)
-    policy_tokenizer = maybe_load_tokenizer(policy, revision=policy_revision, trust_remote_code=trust_remote_code)
-    if policy_tokenizer is not None and policy_tokenizer.get_vocab() != tokenizer.get_vocab():
+    policy_vocab = policy_vocabulary_from_files(policy)
+    if policy_vocab is None:  # no tokenizer.json to read (a slow-only tokenizer, a hub id): load it to compare
+        policy_tokenizer = maybe_load_tokenizer(policy, revision=policy_revision,
+                                                trust_remote_code=trust_remote_code)
+        policy_vocab = None if policy_tokenizer is None else policy_tokenizer.get_vocab()
+    if policy_vocab is not None and policy_vocab != tokenizer.get_vocab():
         raise ModelError(
             f"the tokenizer of policy {policy!r} differs from the reference's: log-probs are not comparable"
         )
@@ -288,6 +292,37 @@ def _same_tokenizer_files(reference: str, policy: str) -> bool:
     """True when both are local directories whose tokenizer.json files are byte-identical."""
     a, b = Path(reference) / "tokenizer.json", Path(policy) / "tokenizer.json"
     return a.is_file() and b.is_file() and a.read_bytes() == b.read_bytes()
+
+
+def policy_vocabulary_from_files(name: str) -> dict[str, int] | None:
+    """The token -> id map a local directory's tokenizer would have, read from its tokenizer.json (the model's
+    vocabulary plus its added tokens) and the added tokens of tokenizer_config.json, without building a tokenizer.
+    None when there is no readable tokenizer.json (the caller then loads the tokenizer)."""
+    path = Path(name) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    try:
+        definition = json.loads(path.read_text(encoding="utf-8"))
+        vocab = definition["model"]["vocab"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if isinstance(vocab, dict):  # BPE, WordPiece, WordLevel: token -> id
+        tokens = {str(token): int(i) for token, i in vocab.items()}
+    elif isinstance(vocab, list):  # Unigram: [piece, score] at the piece's id
+        tokens = {str(entry[0]): i for i, entry in enumerate(vocab)}
+    else:
+        return None
+    for added in definition.get("added_tokens") or []:
+        tokens[added["content"]] = int(added["id"])
+    config = Path(name) / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            decoder = json.loads(config.read_text(encoding="utf-8")).get("added_tokens_decoder") or {}
+            for i, added in decoder.items():
+                tokens[added["content"] if isinstance(added, dict) else str(added)] = int(i)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+    return tokens
 
 
 def maybe_load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code: bool = False):

@@ -1,6 +1,8 @@
 """Tokenization identical to TRL 1.x DPOTrainer: EOS appended to string completions, prompt and prompt+completion
-tokenized separately with the tokenizer's special tokens, the completion starting at their common prefix, and
-keep_start truncation of prompt+chosen and prompt+rejected at ``max_length`` (pairs whose prompt fills it dropped).
+tokenized separately with the tokenizer's special tokens (conversations through the chat template, with each row's
+``tools`` and ``chat_template_kwargs``), the completion starting at their common prefix, and keep_start truncation
+of prompt+chosen and prompt+rejected at ``max_length`` (pairs whose prompt fills it dropped). Older conventions
+(``compat="trl0"``, ``"rewardbench"``) live in prefdiag.tokenization_compat.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from prefdiag.errors import DataError, ModelError, first_line
+from prefdiag.chat_templates import chat_ids, count_present, group_by_kwargs, row_template_kwargs
+from prefdiag.errors import ModelError, UsageError
 
 SCHEME = "trl-1.x"  # the tokenization rules followed; recorded in provenance and in the token cache key
 
@@ -60,29 +63,8 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def _chat_ids(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool, rows: list[int]):
-    """Token ids of each conversation: ``apply_chat_template`` on the whole batch, which renders each one and
-    tokenizes them together (the same ids as one call per conversation, several times faster). A conversation the
-    template rejects is named by its row."""
-
-    def render(batch):
-        return tokenizer.apply_chat_template(
-            batch, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
-        )["input_ids"]
-
-    try:
-        return [list(ids) for ids in render(conversations)]
-    except Exception:
-        for row, conversation in zip(rows, conversations):
-            try:
-                render([conversation])
-            except Exception as exc:
-                raise DataError(
-                    f"row {row + 1}: the chat template cannot render this conversation "
-                    f"({first_line(exc, with_type=True)})",
-                    hint="check the roles and content of that row, or pass --tokenizer with another chat template",
-                ) from None
-        raise
+COMPAT_SCHEMES = {"trl1": SCHEME, "trl0": "trl-0.x", "rewardbench": "rewardbench"}  # --compat: scheme recorded
+TRL_DEFAULT_MAX_LENGTH = 1024  # DPOConfig.max_length in TRL 1.x (and 0.x): a run with defaults truncates there
 
 
 def tokenize_pairs(
@@ -93,18 +75,122 @@ def tokenize_pairs(
     *,
     max_length: int | None = None,
     progress: Callable[[int], None] | None = None,
+    tools: Sequence[Any] | None = None,
+    documents: Sequence[Any] | None = None,
+    template_kwargs: Sequence[Any] | None = None,
+    compat: str = "trl1",
+    max_prompt_length: int | None = None,
 ) -> TokenizedPairs:
     """Tokenize pairs exactly as TRL's DPOTrainer does (see module docstring); strings and conversations mixed.
-    ``progress(n)`` is called as chunks of pairs are done."""
+    ``tools`` / ``template_kwargs`` are per-row values of the ``tools`` and ``chat_template_kwargs`` columns (None
+    rows allowed), passed to the chat template as TRL 1.x passes them; ``documents`` (a ``documents`` column) is
+    not rendered, as TRL 1.x's DPOTrainer does not pass it (its rows are counted in the settings). ``compat``
+    ("trl1", "trl0", "rewardbench") picks the conventions (prefdiag.tokenization_compat); ``max_prompt_length``
+    applies to trl0 / rewardbench. ``progress(n)`` is called as chunks of pairs are done."""
+    if compat not in COMPAT_SCHEMES:
+        raise UsageError(f"unknown --compat {compat!r}: expected one of {', '.join(COMPAT_SCHEMES)}")
+    if max_prompt_length is not None and (compat == "trl1" or max_prompt_length < 1):
+        raise UsageError("--max-prompt-length must be a positive number of tokens, and applies to --compat trl0 and "
+                         f"rewardbench only (TRL 1.x has no prompt limit); got {max_prompt_length} with {compat}")
     n = len(prompts)
+    for name, column in (("tools", tools), ("documents", documents), ("chat_template_kwargs", template_kwargs)):
+        if column is not None and len(column) != n:
+            raise UsageError(f"the {name} column has {len(column)} rows but there are {n} pairs")
     conversational = [is_conversation(p) or is_conversation(c) for p, c in zip(prompts, chosen)]
     if any(conversational) and not getattr(tokenizer, "chat_template", None):
         raise ModelError(
             "the data is conversational but the tokenizer has no chat template",
-            hint="pass --tokenizer with a chat template, or use standard-format (string) data",
+            hint="pass --chat-template FILE, or --tokenizer with a chat template, or use standard-format data",
         )
-    eos = tokenizer.eos_token
+    if tools is None and template_kwargs is None:
+        kwargs: list[dict[str, Any]] = [{} for _ in range(n)]
+    else:
+        kwargs = [row_template_kwargs(i, tools, template_kwargs) if conversational[i] else {} for i in range(n)]
+    if compat == "trl1":
+        parts = _tokenize_trl1(tokenizer, prompts, chosen, rejected, conversational, kwargs, max_length, progress)
+    else:
+        from prefdiag import tokenization_compat as tc
 
+        if compat == "trl0":
+            parts = tc.tokenize_trl0(tokenizer, prompts, chosen, rejected, kwargs, max_length=max_length,
+                                     max_prompt_length=max_prompt_length)
+        else:
+            parts = tc.tokenize_rewardbench(tokenizer, prompts, chosen, rejected, max_length=max_length,
+                                            max_prompt_length=max_prompt_length)
+        if progress is not None:
+            progress(n)
+    over = None
+    if max_length is None and compat != "rewardbench":
+        over = int(sum(len(p) + max(c, r) > TRL_DEFAULT_MAX_LENGTH
+                       for p, c, r in zip(parts["prompt"], parts["chosen_full"], parts["rejected_full"])))
+    settings = {
+        "scheme": COMPAT_SCHEMES[compat],
+        "compat": compat,
+        "max_length": max_length,
+        "max_prompt_length": _effective_max_prompt_length(compat, max_prompt_length),
+        "truncation_mode": "keep_start" if compat == "trl1" else "keep_end",
+        "eos_token": tokenizer.eos_token,
+        "bos_token": getattr(tokenizer, "bos_token", None),
+        "chat_template_sha256": _sha256(getattr(tokenizer, "chat_template", None)),
+        "tokenizer": getattr(tokenizer, "name_or_path", None),
+        "rows_with_tools": count_present(tools),
+        "rows_with_chat_template_kwargs": count_present(template_kwargs),
+        "documents_not_rendered": count_present(documents),
+        "n_over_trl_default_max_length": over,
+    }
+    def column(name: str, dtype) -> np.ndarray:
+        return np.asarray(parts[name], dtype=dtype).reshape(n)
+
+    return TokenizedPairs(
+        parts["prompt"], parts["chosen"], parts["rejected"], column("chosen_full", np.int64),
+        column("rejected_full", np.int64), column("mismatch", bool), column("truncated", bool),
+        column("dropped", bool), settings,
+    )
+
+
+TEMPLATE_COLUMNS = {"tools": "tools", "documents": "documents", "template_kwargs": "chat_template_kwargs"}
+
+
+def template_columns(table) -> dict[str, list | None]:
+    """The ``tools`` / ``documents`` / ``chat_template_kwargs`` columns of a pairs table as tokenize_pairs (and
+    tokenization_key) keyword arguments; None for a column the table does not have."""
+    present = set(getattr(table, "columns", ()))
+    return {arg: (list(table[column]) if column in present else None) for arg, column in TEMPLATE_COLUMNS.items()}
+
+
+def settings_notes(settings: dict[str, Any]) -> list[str]:
+    """One-line notes on how the tokenization may differ from the user's TRL run, for the summary and terminal."""
+    notes = []
+    over = settings.get("n_over_trl_default_max_length")
+    if over:
+        notes.append(f"{over} pair{'s' if over != 1 else ''} exceed{'s' if over == 1 else ''} "
+                     f"{TRL_DEFAULT_MAX_LENGTH} tokens, TRL's default max_length, and were scored whole: a TRL run "
+                     f"with default settings truncated them; pass --max-length {TRL_DEFAULT_MAX_LENGTH} to match it")
+    docs = settings.get("documents_not_rendered")
+    if docs:
+        notes.append(f"{docs} row{'s' if docs != 1 else ''} ha{'ve' if docs != 1 else 's'} a documents column, which "
+                     f"TRL 1.x's DPOTrainer does not pass to the chat template (nor does prefdiag); put them in "
+                     f"chat_template_kwargs to render them")
+    return notes
+
+
+def _effective_max_prompt_length(compat: str, max_prompt_length: int | None) -> int | None:
+    if compat == "trl0":
+        from prefdiag.tokenization_compat import TRL0_MAX_PROMPT_LENGTH
+
+        return TRL0_MAX_PROMPT_LENGTH if max_prompt_length is None else max_prompt_length
+    if compat == "rewardbench":
+        from prefdiag.tokenization_compat import REWARDBENCH_MAX_PROMPT_LENGTH
+
+        return REWARDBENCH_MAX_PROMPT_LENGTH if max_prompt_length is None else max_prompt_length
+    return None  # TRL 1.x has no prompt limit
+
+
+def _tokenize_trl1(tokenizer, prompts, chosen, rejected, conversational, kwargs, max_length, progress):
+    """TRL 1.x's layout: prompt and prompt+completion tokenized, the completion starting at their common prefix,
+    then keep_start truncation at max_length."""
+    n = len(prompts)
+    eos = tokenizer.eos_token
     prompt_ids: list[list[int]] = [[] for _ in range(n)]
     full_chosen: list[list[int]] = [[] for _ in range(n)]
     full_rejected: list[list[int]] = [[] for _ in range(n)]
@@ -122,55 +208,49 @@ def tokenize_pairs(
         if progress is not None:
             progress(len(rows))
     for rows in _chunks([i for i in range(n) if conversational[i]]):
-        chat_prompts = [list(prompts[i]) for i in rows]
-        enc_p = _chat_ids(tokenizer, chat_prompts, True, rows)
-        enc_c = _chat_ids(tokenizer, [p + list(chosen[i]) for p, i in zip(chat_prompts, rows)], False, rows)
-        enc_r = _chat_ids(tokenizer, [p + list(rejected[i]) for p, i in zip(chat_prompts, rows)], False, rows)
-        for k, i in enumerate(rows):
-            prompt_ids[i], full_chosen[i], full_rejected[i] = enc_p[k], enc_c[k], enc_r[k]
+        for row_kwargs, group in group_by_kwargs(rows, kwargs):  # rows with the same tools etc. render together
+            chat_prompts = [list(prompts[i]) for i in group]
+            enc_p = chat_ids(tokenizer, chat_prompts, True, group, row_kwargs)
+            enc_c = chat_ids(tokenizer, [p + list(chosen[i]) for p, i in zip(chat_prompts, group)], False, group,
+                             row_kwargs)
+            enc_r = chat_ids(tokenizer, [p + list(rejected[i]) for p, i in zip(chat_prompts, group)], False, group,
+                             row_kwargs)
+            for k, i in enumerate(group):
+                prompt_ids[i], full_chosen[i], full_rejected[i] = enc_p[k], enc_c[k], enc_r[k]
         if progress is not None:
             progress(len(rows))
 
-    shared, chosen_ids, rejected_ids = [], [], []
-    chosen_full = np.zeros(n, dtype=np.int64)
-    rejected_full = np.zeros(n, dtype=np.int64)
-    mismatch = np.zeros(n, dtype=bool)
-    truncated = np.zeros(n, dtype=bool)
-    dropped = np.zeros(n, dtype=bool)
+    out: dict[str, list] = {k: [] for k in ("prompt", "chosen", "rejected", "chosen_full", "rejected_full",
+                                            "mismatch", "truncated", "dropped")}
     for i in range(n):
         p = prompt_ids[i]
         prompt_len = min(common_prefix_length(p, full_chosen[i]), common_prefix_length(p, full_rejected[i]))
-        mismatch[i] = prompt_len < len(p)
         c, r = full_chosen[i][prompt_len:], full_rejected[i][prompt_len:]
-        chosen_full[i], rejected_full[i] = len(c), len(r)
+        out["mismatch"].append(prompt_len < len(p))
+        out["chosen_full"].append(len(c))
+        out["rejected_full"].append(len(r))
+        dropped = truncated = False
         if max_length is not None:
             room = max(0, max_length - prompt_len)
-            dropped[i] = prompt_len >= max_length
-            truncated[i] = not dropped[i] and (len(c) > room or len(r) > room)
+            dropped = prompt_len >= max_length
+            truncated = not dropped and (len(c) > room or len(r) > room)
             c, r = c[:room], r[:room]
-        shared.append(p[:prompt_len])
-        chosen_ids.append(c)
-        rejected_ids.append(r)
-
-    settings = {
-        "scheme": SCHEME,
-        "max_length": max_length,
-        "truncation_mode": "keep_start",
-        "eos_token": eos,
-        "bos_token": getattr(tokenizer, "bos_token", None),
-        "chat_template_sha256": _sha256(getattr(tokenizer, "chat_template", None)),
-        "tokenizer": getattr(tokenizer, "name_or_path", None),
-    }
-    return TokenizedPairs(
-        shared, chosen_ids, rejected_ids, chosen_full, rejected_full, mismatch, truncated, dropped, settings
-    )
+        out["dropped"].append(dropped)
+        out["truncated"].append(truncated)
+        out["prompt"].append(p[:prompt_len])
+        out["chosen"].append(c)
+        out["rejected"].append(r)
+    return out
 
 
 def tokenization_key(tokenizer, prompts: Sequence[Any], chosen: Sequence[Any], rejected: Sequence[Any], *,
-                     max_length: int | None = None) -> str | None:
+                     max_length: int | None = None, tools: Sequence[Any] | None = None,
+                     documents: Sequence[Any] | None = None, template_kwargs: Sequence[Any] | None = None,
+                     compat: str = "trl1", max_prompt_length: int | None = None) -> str | None:
     """A hash of everything that decides the token ids: the tokenizer's full definition, chat template and special
-    tokens, the settings, the library versions and every pair's text. None for a tokenizer without a serialisable
-    (fast) backend, whose ids are then never reused."""
+    tokens, the settings (``compat``, lengths), the library versions and every pair's text with its ``tools``,
+    ``documents`` and ``chat_template_kwargs`` values. Takes the same keyword arguments as tokenize_pairs. None for
+    a tokenizer without a serialisable (fast) backend, whose ids are then never reused."""
     import hashlib
     import json
 
@@ -182,8 +262,10 @@ def tokenization_key(tokenizer, prompts: Sequence[Any], chosen: Sequence[Any], r
         return None
     digest = hashlib.sha256()
     header = {
-        "scheme": SCHEME,
+        "scheme": COMPAT_SCHEMES.get(compat, compat),
+        "settings_version": 2,  # 2: settings count tools rows and pairs over TRL's default max_length
         "max_length": max_length,
+        **({"max_prompt_length": max_prompt_length} if max_prompt_length is not None else {}),
         "class": type(tokenizer).__name__,
         "chat_template": getattr(tokenizer, "chat_template", None),
         "special_tokens": getattr(tokenizer, "special_tokens_map", None),
@@ -195,6 +277,12 @@ def tokenization_key(tokenizer, prompts: Sequence[Any], chosen: Sequence[Any], r
     for row in zip(prompts, chosen, rejected):
         digest.update(json.dumps(row, ensure_ascii=False, sort_keys=True, default=str).encode())
         digest.update(b"\n")
+    for name, column in (("tools", tools), ("documents", documents), ("chat_template_kwargs", template_kwargs)):
+        if column is not None:  # only when given: a run without these columns hashes as if they did not exist
+            digest.update(name.encode())
+            for value in column:  # key order kept: the template renders dicts in their written order
+                digest.update(json.dumps(value, ensure_ascii=False, default=str).encode())
+                digest.update(b"\n")
     return digest.hexdigest()[:32]
 
 
