@@ -10,7 +10,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from prefdiag import flags
 from prefdiag.diagnostics import worst_pairs
+from prefdiag.formatting import base_name, format_value, is_rate, plural  # noqa: F401 (re-exported)
 from prefdiag.gate import OPS
 
 # (summary key, label) in display order; keys missing from a summary are skipped.
@@ -70,41 +72,6 @@ KEY_METRICS = [
 ]
 STATUS = {"pass": "pass", "fail": "FAIL", "warn": "warn"}
 TEXT_LIMIT = 4000  # characters of a prompt or response shown in a report
-
-
-def _base_name(key: str) -> str:
-    """The summary key a gate metric name formats like: groups.x.m -> m, m_drop -> m, quantiles.c.p05 -> p05."""
-    key = key.rpartition(".")[2]
-    for suffix in ("_drop", "_delta"):
-        if key.endswith(suffix):
-            return key.removesuffix(suffix)
-    return key
-
-
-def is_rate(key: str) -> bool:
-    return _base_name(key).endswith(("_rate", "_accuracy"))
-
-
-def format_value(key: str, value: Any) -> str:
-    """Rates and accuracies as percentages, counts as integers, other numbers with 4 significant digits."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "n/a"
-    if isinstance(value, bool):
-        return str(value)
-    base = _base_name(key)
-    change = key.endswith(("_drop", "_delta"))
-    if base.startswith("n_") or base.startswith("ref_correct_to") or base.startswith("ref_incorrect_to"):
-        if float(value).is_integer():
-            return f"{int(value):+d}" if change else str(int(value))
-    if change and is_rate(key):
-        return f"{100 * value:+.1f} pp"
-    if change:
-        return f"{value:+.4g}"
-    if is_rate(key):
-        return f"{100 * value:.1f}%"
-    if isinstance(value, (float, np.floating)):
-        return f"{value:.4g}"
-    return str(value)
 
 
 def metric_rows(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
