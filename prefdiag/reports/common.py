@@ -221,8 +221,19 @@ FLAG_LABELS = dict(flags.LABELS)  # every flag, for the chips beside a pair
 
 
 def pair_sections(table: pd.DataFrame | None, n: int) -> list[PairList]:
-    """The lists of pairs behind the findings (diagnostics.pair_lists), each headed by what it holds."""
-    return [] if table is None else pair_lists(table, n)
+    """The lists of pairs behind the findings (diagnostics.pair_lists), each headed by what it holds; when no
+    finding names a pair, the pairs with the lowest margin per token (still worth a look)."""
+    if table is None:
+        return []
+    sections = pair_lists(table, n)
+    if not sections and "ref_margin" in table.columns:
+        column = "policy_margin" if "policy_margin" in table.columns else "ref_margin"
+        rows = worst_pairs(table, n)
+        if len(rows):
+            title = f"Lowest {column.replace('_', ' ')}s: no finding flagged a pair"
+            sections = [PairList("lowest_margin", title, f"{column.replace('_', ' ')} per token, lowest first",
+                                 len(table), rows)]  # fmt: skip
+    return sections
 
 
 def pairs_to_show(table: pd.DataFrame | None, n: int) -> tuple[str, pd.DataFrame | None]:

@@ -1,4 +1,4 @@
-"""report.html: one self-contained page (inline CSS, plots as base64 PNG, no script, no network) with the gate,
+"""report.html: one self-contained page (inline CSS, plots as inline SVG, no script, no network) with the gate,
 the verdict, the metric table, the margin plots, the ranking transitions, the baseline comparison and the worst
 pairs with their text. Rendered by jinja2 with autoescape on: every piece of dataset text is escaped."""
 
@@ -10,7 +10,8 @@ from typing import Any
 import pandas as pd
 
 from prefdiag.reports.common import (
-    DATA_FLAG_LABELS,
+    FLAG_LABELS,
+    GROUP_HEADERS,
     as_text,
     baseline_rows,
     flag_labels,
@@ -19,22 +20,13 @@ from prefdiag.reports.common import (
     gate_rows,
     group_rows,
     metric_rows,
-    pairs_to_show,
+    pair_sections,
+    short,
 )
 from prefdiag.reports.plots import report_plots
 
-FLAG_LABELS = {
-    "negative_margin_regime": "negative-margin regime",
-    "ref_prefers_rejected": "reference prefers rejected",
-    "chosen_displaced": "chosen displaced",
-    "both_displaced": "both displaced",
-    "likely_mislabeled": "likely mislabeled",
-    "truncated": "truncated",
-    "dropped": "dropped",
-    "boundary_mismatch": "token boundary mismatch",
-    **DATA_FLAG_LABELS,
-}
-NUMBERS = ["ref_margin", "policy_margin", "reward_margin", "dpo_loss", "chosen_logratio", "rejected_logratio"]
+NUMBERS = ["ref_margin", "policy_margin", "reward_margin", "dpo_loss", "chosen_logratio", "rejected_logratio",
+           "ref_margin_per_token", "policy_margin_per_token"]
 
 
 @functools.cache
@@ -74,7 +66,8 @@ def report_context(table: pd.DataFrame | None, summary: dict[str, Any], n_worst:
         "transitions": _transitions(summary),
         "plots": report_plots(table),
         "baseline": _baseline(table, summary, n_worst),
-        "groups": {"column": column, "headers": group_headers, "rows": group_table},
+        "groups": {"column": short(column), "headers": [GROUP_HEADERS.get(h, h) for h in group_headers],
+                   "rows": group_table},
         "worst": _worst(table, n_worst),
         "provenance": _provenance(provenance),
     }
@@ -99,7 +92,7 @@ def _transitions(summary: dict[str, Any]) -> dict[str, Any] | None:
 def _pair(row: pd.Series, numbers: list[str]) -> dict[str, Any]:
     flags = flag_labels(row, FLAG_LABELS)
     return {
-        "pair_id": str(row["pair_id"]),
+        "pair_id": short(row["pair_id"]),
         "numbers": [(c, format_value(c, row[c])) for c in numbers if c in row.index],
         "flags": flags,
         "prompt": as_text(row.get("prompt")),
@@ -108,9 +101,12 @@ def _pair(row: pd.Series, numbers: list[str]) -> dict[str, Any]:
     }
 
 
-def _worst(table: pd.DataFrame | None, n: int) -> dict[str, Any]:
-    title, rows = pairs_to_show(table, n)
-    return {"title": title, "pairs": [] if rows is None else [_pair(row, NUMBERS) for _, row in rows.iterrows()]}
+def _worst(table: pd.DataFrame | None, n: int) -> list[dict[str, Any]]:
+    return [
+        {"title": section.title, "n": section.n, "order": section.order,
+         "pairs": [_pair(row, NUMBERS) for _, row in section.rows.iterrows()]}
+        for section in pair_sections(table, n)
+    ]  # fmt: skip
 
 
 def _baseline(table: pd.DataFrame | None, summary: dict[str, Any], n: int) -> dict[str, Any] | None:
