@@ -58,9 +58,10 @@ def report_plots(table: pd.DataFrame | None) -> list[Plot]:
                   "rejected_logratio": table["rejected_logratio"]}, "policy logp - reference logp, nats",
                   "Chosen left of 0: likelihood displacement (the chosen answer became less likely).",
                   [CHOSEN, REJECTED]),
-        histogram("DPO loss per pair", {"dpo_loss": table["dpo_loss"]}, "dpo_loss = -log sigmoid(reward_margin)",
-                  "The dashed line is log 2, the loss of an untrained policy; the top tail holds the likely "
-                  "mislabeled pairs.", [OTHER], marker=math.log(2)),
+        histogram("DPO loss per pair", {"dpo_loss": table["dpo_loss"]},
+                  "dpo_loss = -log sigmoid(reward_margin), log scale",
+                  "Log-scaled axis. The dashed line is log 2, the loss of an untrained policy; the top tail holds the "
+                  "likely mislabeled pairs.", [OTHER], marker=math.log(2), log_x=True),
     ]  # fmt: skip
 
 
@@ -159,8 +160,8 @@ def _scatter(table: pd.DataFrame, x_col: str, y_col: str, x_label: str, y_label:
         body.append(_text(PAD_L - 4, yy + 4, _tick_label(value), "end", "tick"))
     body.append(f'<line x1="{px(0):.1f}" y1="{PAD_T}" x2="{px(0):.1f}" y2="{PAD_T + plot_h}" class="axis"/>')
     body.append(f'<line x1="{PAD_L}" y1="{py(0):.1f}" x2="{PAD_L + plot_w}" y2="{py(0):.1f}" class="axis"/>')
-    body.append(_text(PAD_L + plot_w / 2, height - 6, x_label, cls="label"))
-    body.append(_text(14, PAD_T + plot_h / 2, y_label, cls="label",
+    body.append(_text(PAD_L + plot_w / 2, height - 6, x_label, cls="axlabel"))
+    body.append(_text(14, PAD_T + plot_h / 2, y_label, cls="axlabel",
                       extra=f' transform="rotate(-90 14 {PAD_T + plot_h / 2:.1f})"'))  # fmt: skip
     colours = colour_of(rows)
     highlight = pd.Series(colours == NMR_COLOUR, index=rows.index)
@@ -218,10 +219,14 @@ def length_scatter(table: pd.DataFrame) -> Plot:
 
 
 def histogram(title: str, series: dict[str, pd.Series], xlabel: str, caption: str, colours: list[str],
-              marker: float = 0.0) -> Plot:  # fmt: skip
+              marker: float = 0.0, log_x: bool = False) -> Plot:  # fmt: skip
     """Overlaid histograms on shared bins over the 1st-99th percentile range (values beyond it are counted in
-    the edge bins and named in the caption); bin width by the Freedman-Diaconis rule, 10 to 60 bins."""
+    the edge bins and named in the caption); bin width by the Freedman-Diaconis rule, 10 to 60 bins. ``log_x``
+    bins log10 of positive values (a loss that spans decades)."""
     clean = {name: _finite(s) for name, s in series.items()}
+    if log_x:
+        clean = {name: np.log10(d[d > 0]) for name, d in clean.items()}
+        marker = math.log10(marker) if marker > 0 else -math.inf
     values = np.concatenate(list(clean.values())) if clean else np.array([])
     if len(values) and values.min() < values.max():
         lo, hi = (float(v) for v in np.quantile(values, [0.01, 0.99]))
@@ -234,6 +239,8 @@ def histogram(title: str, series: dict[str, pd.Series], xlabel: str, caption: st
         centre = float(values[0]) if len(values) else 0.0
         lo, hi, bins = centre - 1, centre + 1, 10
     edges = np.linspace(lo, hi, bins + 1)
+    shown = 10**edges if log_x else edges  # the edges in the data's own units
+    lo_shown, hi_shown = float(shown[0]), float(shown[-1])
     counts = {name: np.histogram(np.clip(d, lo, hi), bins=edges)[0] for name, d in clean.items()}
     top = max((int(c.max()) for c in counts.values() if len(c)), default=1) or 1
     plot_w, plot_h = W - PAD_L - PAD_R, H - PAD_B - PAD_T
@@ -245,7 +252,7 @@ def histogram(title: str, series: dict[str, pd.Series], xlabel: str, caption: st
         body.append(_text(PAD_L - 4, yy + 4, f"{top * (4 - k) / 4:.0f}", "end", "tick"))
     for k in range(6):
         value = lo + (hi - lo) * k / 5
-        body.append(_text(px(value), H - PAD_B + 14, f"{value:.3g}", cls="tick"))
+        body.append(_text(px(value), H - PAD_B + 14, f"{10 ** value if log_x else value:.3g}", cls="tick"))
     opacity = 0.45 if len(clean) > 1 else 0.75
     for (name, count), colour in zip(counts.items(), colours):
         for i, c in enumerate(count):
@@ -255,18 +262,19 @@ def histogram(title: str, series: dict[str, pd.Series], xlabel: str, caption: st
             body.append(f'<rect x="{px(edges[i]):.1f}" y="{PAD_T + plot_h - h:.1f}" '
                         f'width="{max(px(edges[i + 1]) - px(edges[i]) - 0.5, 0.5):.1f}" height="{h:.1f}" '
                         f'fill="{colour}" fill-opacity="{opacity}"><title>{escape(name)}: {c} pairs in '
-                        f"[{edges[i]:.3g}, {edges[i + 1]:.3g}]</title></rect>")  # fmt: skip
+                        f"[{shown[i]:.3g}, {shown[i + 1]:.3g}]</title></rect>")  # fmt: skip
     if lo <= marker <= hi:
         body.append(f'<line x1="{px(marker):.1f}" y1="{PAD_T}" x2="{px(marker):.1f}" y2="{PAD_T + plot_h}" '
                     'class="marker"/>')  # fmt: skip
-    body.append(_text(PAD_L + plot_w / 2, H - 6, xlabel, cls="label"))
-    body.append(_text(14, PAD_T + plot_h / 2, "pairs", cls="label", extra=f' transform="rotate(-90 14 '
+    body.append(_text(PAD_L + plot_w / 2, H - 6, xlabel, cls="axlabel"))
+    body.append(_text(14, PAD_T + plot_h / 2, "pairs", cls="axlabel", extra=f' transform="rotate(-90 14 '
                       f'{PAD_T + plot_h / 2:.1f})"'))  # fmt: skip
-    beyond = [f"{name}: {int((d < lo).sum())} below {lo:.3g}, {int((d > hi).sum())} above {hi:.3g}"
+    beyond = [f"{name}: {int((d < lo).sum())} below {lo_shown:.3g}, {int((d > hi).sum())} above {hi_shown:.3g}"
               for name, d in clean.items() if ((d < lo) | (d > hi)).any()]  # fmt: skip
     legend = "".join(f'<span><i style="background:{c}"></i>{escape(n)} (n={len(clean[n])})</span>'
                      for n, c in zip(clean, colours))  # fmt: skip
     note = (" Values beyond the axis are counted in the edge bins (" + "; ".join(beyond) + ").") if beyond else ""
-    medians = ", ".join(f"{name} median {np.median(d):.3g}" for name, d in clean.items() if len(d))
+    medians = ", ".join(f"{name} median {10 ** np.median(d) if log_x else np.median(d):.3g}"
+                        for name, d in clean.items() if len(d))  # fmt: skip
     return Plot(title, caption + note, _svg(body, label=title) + f'<p class="legend">{legend}</p>',
                 f"Histogram of {', '.join(series)}; {medians}.")  # fmt: skip
