@@ -39,6 +39,8 @@ def report_plots(table: pd.DataFrame | None) -> list[Plot]:
     """The plots a table supports: margins and log-prob changes with a policy, reference margins without."""
     if table is None or "ref_margin" not in table.columns or not table["ref_margin"].notna().any():
         return []
+    if "non_finite" in table.columns:
+        table = table[~table["non_finite"].astype(bool)]  # left out of every rate, and of the plots
     if "policy_margin" not in table.columns:
         plots = [histogram("Reference margin", {"ref_margin": table["ref_margin"]}, "ref_margin (nats)",
                            "Pairs left of 0 start DPO on the wrong side.", [OTHER])]  # fmt: skip
@@ -232,7 +234,8 @@ def histogram(title: str, series: dict[str, pd.Series], xlabel: str, caption: st
         lo, hi = (float(v) for v in np.quantile(values, [0.01, 0.99]))
         if lo == hi:
             lo, hi = float(values.min()), float(values.max())
-        iqr = float(np.subtract(*np.quantile(values[(values >= lo) & (values <= hi)], [0.75, 0.25])))
+        inner = values[(values >= lo) & (values <= hi)]
+        iqr = float(np.subtract(*np.quantile(inner if len(inner) else values, [0.75, 0.25])))
         width = 2 * iqr / len(values) ** (1 / 3) if iqr > 0 else (hi - lo) / 20
         bins = int(min(60, max(10, math.ceil((hi - lo) / width))))
     else:
