@@ -251,10 +251,16 @@ def summarize_groups(table: pd.DataFrame, column: str, beta: float) -> dict[str,
     whole table, computed on the group's pairs (flags computed on the whole table, e.g. the DPO-loss tail, keep their
     whole-table meaning). Groups are keyed by str(value), missing values as "null", in sorted order."""
     keys = table[column]
-    names = keys.astype("str").where(keys.notna(), "null")
+    try:
+        names = keys.astype("str").where(keys.notna(), "null").tolist()
+    except UnicodeEncodeError:  # a lone surrogate (object column): Arrow strings cannot hold it
+        names = [str(v) if pd.notna(v) else "null" for v in keys]
     numbers = table.select_dtypes(include=["number", "bool"])  # what summarize() reads; not the text
+    indices: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        indices.setdefault(name, []).append(i)
     values = {}
-    for name, rows in sorted(names.groupby(names, sort=False).indices.items()):
+    for name, rows in sorted(indices.items()):
         group = summarize(numbers.iloc[rows], beta)
         values[str(name)] = {k: v for k, v in group.items() if not isinstance(v, (dict, list))}
     return {"column": column, "values": values}

@@ -11,6 +11,7 @@ from prefdiag.formatting import format_value, plural
 
 LEVELS = ("fail", "warn", "ok")  # most severe first
 SHOWN_IDS = 3  # pair ids named in a finding before "and N more"
+ID_LIMIT = 40  # characters of each id named
 
 
 def _v(summary: dict[str, Any], key: str) -> str:
@@ -30,7 +31,7 @@ def _get(summary: dict[str, Any], key: str) -> Any:
 
 def pairs_text(ids: list[str], n: int) -> str:
     """"p1, p2, p3 and 12 more" (the first few ids of the ``n`` pairs behind a finding)."""
-    shown = [str(i) for i in ids[:SHOWN_IDS]]
+    shown = [str(i) if len(str(i)) <= ID_LIMIT else str(i)[: ID_LIMIT - 1] + "…" for i in ids[:SHOWN_IDS]]
     if not shown:
         return ""
     rest = n - len(shown)

@@ -104,6 +104,11 @@ class GateRow:
     source: str
     message: str  # one line: "ranking_accuracy = 58.3%, needs >= 60.0%"
 
+    @property
+    def name(self) -> str:
+        """The metric as shown: cleaned, and cut when a group value makes it long."""
+        return short(self.metric, 200)
+
 
 def gate_rows(summary: dict[str, Any]) -> list[GateRow]:
     rows = []
@@ -116,9 +121,10 @@ def gate_rows(summary: dict[str, Any]) -> list[GateRow]:
         else:
             status = "fail" if rule["severity"] == "error" else "warn"
         verb = "meets" if rule["passed"] else "needs"
-        message = f"{metric} = {observed}, {verb} {condition}"
+        shown = short(metric, 200)
+        message = f"{shown} = {observed}, {verb} {condition}"
         if rule["observed"] is None:
-            message = f"{metric} has no value in this run, needs {condition}"
+            message = f"{shown} has no value in this run, needs {condition}"
         rows.append(GateRow(status, metric, condition, observed, rule["severity"], rule.get("source", ""), message))
     return rows
 

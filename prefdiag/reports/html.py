@@ -14,6 +14,7 @@ from prefdiag.reports.common import (
     GROUP_HEADERS,
     as_text,
     baseline_rows,
+    clean_text,
     flag_labels,
     format_value,
     gate_headline,
@@ -35,8 +36,17 @@ def _environment():
 
     return Environment(
         loader=PackageLoader("prefdiag", "templates"), autoescape=True, undefined=StrictUndefined, trim_blocks=True,
-        lstrip_blocks=True,
+        lstrip_blocks=True, finalize=_safe,
     )  # fmt: skip
+
+
+def _safe(value: Any) -> Any:
+    """Every value the template prints: control characters and lone surrogates made visible (valid UTF-8 HTML)."""
+    from markupsafe import Markup
+
+    if isinstance(value, Markup):
+        return Markup(clean_text(str(value)))
+    return clean_text(value) if isinstance(value, str) else value
 
 
 def render_html(table: pd.DataFrame | None, summary: dict[str, Any], n_worst: int = 10) -> str:

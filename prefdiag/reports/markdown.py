@@ -64,7 +64,7 @@ def render_markdown(table: pd.DataFrame | None, summary: dict[str, Any], n_worst
     if rows:
         lines += ["## Gate", "", "| result | rule | observed | severity | from |", "| --- | --- | --- | --- | --- |"]
         lines += [
-            f"| {MARKS[r.status]} | {code(r.metric)} {r.condition} | {r.observed} | {r.severity} | {code(r.source)} |"
+            f"| {MARKS[r.status]} | {code(r.name)} {r.condition} | {r.observed} | {r.severity} | {code(r.source)} |"
             for r in rows
         ]
         lines.append("")
