@@ -92,9 +92,9 @@ def _policy_findings(s: dict[str, Any]) -> list[dict[str, Any]]:
     if s.get("policy_unchanged_rate") == 1:
         out.append(_finding(
             s, "policy_equals_reference", "fail",
-            "The policy scores every pair exactly as the reference does (every reward margin is zero): reward accuracy "
-            f"{_v(s, 'reward_accuracy')}, mean DPO loss {_v(s, 'mean_dpo_loss')}, the loss of a policy that did not move. Is --policy the "
-            "reference checkpoint, or an untrained copy of it?",
+            "The policy scores every pair exactly as the reference does (every reward margin is zero): reward "
+            f"accuracy {_v(s, 'reward_accuracy')}, mean DPO loss {_v(s, 'mean_dpo_loss')}, the loss of a policy "
+            "that did not move. Is --policy the reference checkpoint, or an untrained copy of it?",
             ["policy_unchanged_rate", "reward_accuracy", "mean_dpo_loss"],
         ))  # fmt: skip
         return out  # nothing else a policy that did not move can tell

@@ -20,7 +20,6 @@ from prefdiag.cli import app
 from prefdiag.reports import common
 from prefdiag.reports.common import gate_headline, pair_sections
 from prefdiag.reports.html import render_html
-from prefdiag.reports.markdown import render_markdown
 from prefdiag.reports.plots import report_plots
 from prefdiag.reports.terminal import print_report
 

@@ -23,7 +23,8 @@ from prefdiag.reports.markdown import render_markdown
 from prefdiag.reports.terminal import print_report
 
 RLO, RLM = "\u202e", "\u200f"
-HOSTILE = [f"ctl\x01\x07\x1b[31m\x7f\x85end", "lone \ud800 surrogate", f"{RLO}desrever{RLM} |x|", "long " + "y" * 100_000]
+HOSTILE = ["ctl\x01\x07\x1b[31m\x7f\x85end", "lone \ud800 surrogate", f"{RLO}desrever{RLM} |x|",
+           "long " + "y" * 100_000]
 CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 
 

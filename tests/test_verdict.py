@@ -8,7 +8,6 @@ import io
 import json
 import re
 import warnings
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +16,11 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from prefdiag import checks, diagnostics, flags, gate
+from prefdiag import diagnostics, flags
 from prefdiag.cli import app
 from prefdiag.diagnostics import add_pair_metrics, summarize, verdict
 from prefdiag.findings import findings
 from prefdiag.formatting import format_value
-from prefdiag.reports import common
 from prefdiag.reports.html import render_html
 from prefdiag.reports.junit import render_junit
 from prefdiag.reports.markdown import render_markdown
@@ -167,7 +165,8 @@ def test_non_finite_log_probs_are_flagged_left_out_and_fail_the_verdict():
         table = pd.DataFrame({
             "pair_id": ["a", "b", "c", "d", "e"], "prompt_tokens": [3] * 5, "chosen_tokens": [4] * 5,
             "rejected_tokens": [4] * 5, "dropped": [False, False, False, False, True],
-            "ref_chosen_logp": [-5.0, -np.inf, -5.0, -5.0, np.nan], "ref_rejected_logp": [-6.0, -6.0, -6.0, -4.0, np.nan],
+            "ref_chosen_logp": [-5.0, -np.inf, -5.0, -5.0, np.nan],
+            "ref_rejected_logp": [-6.0, -6.0, -6.0, -4.0, np.nan],
             "policy_chosen_logp": [-4.0, -4.0, np.nan, -3.0, np.nan],
             "policy_rejected_logp": [-7.0, -7.0, -7.0, -5.0, np.nan], "prompt": ["q"] * 5,
         })  # fmt: skip

@@ -182,7 +182,7 @@ def gate_table(summary: dict[str, Any]) -> Table | None:
     table.add_column("severity", no_wrap=True)
     for row in rows:
         mark, style = MARKS[row.status]
-        table.add_row(Text(mark, style=style), escape(short(row.metric, 200)), row.condition, row.observed, row.severity)
+        table.add_row(Text(mark, style=style), escape(row.name), row.condition, row.observed, row.severity)
     return table
 
 
