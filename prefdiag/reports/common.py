@@ -26,6 +26,7 @@ METRIC_LABELS = [
     ("beta", "beta"),
     ("reward_accuracy", "reward accuracy (reward_margin > 0)"),
     ("ranking_accuracy", "ranking accuracy, policy (policy_margin > 0)"),
+    ("ranking_accuracy_per_token", "ranking accuracy per token, policy"),
     ("ref_ranking_accuracy", "ranking accuracy, reference (ref_margin > 0)"),
     ("idealised_ranking_accuracy", "idealised ranking accuracy (Chen et al.)"),
     ("flip_rate", "reference-misranked pairs the policy fixed"),

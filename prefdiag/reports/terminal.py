@@ -53,12 +53,15 @@ def print_report(console: Console, table: pd.DataFrame | None, summary: dict[str
         _print_worst(console, table, n_worst)
     _print_groups(console, summary)
     _print_baseline(console, summary)
+    console.print(verdict_panel(summary))
+    _print_gate(console, summary)
+
+
+def verdict_panel(summary: dict[str, Any]) -> Panel:
+    """The verdict's findings in a panel titled with its level (what `prefdiag gate` prints beside the gate)."""
     verdict = summary.get("verdict", {})
     level = verdict.get("level", "ok")
-    console.print(
-        Panel(_findings_text(verdict), title=f"verdict: {level}", border_style=LEVEL_STYLES.get(level, "white"))
-    )
-    _print_gate(console, summary)
+    return Panel(_findings_text(verdict), title=f"verdict: {level}", border_style=LEVEL_STYLES.get(level, "white"))
 
 
 def _findings_text(verdict: dict[str, Any]) -> Text:
