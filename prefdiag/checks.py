@@ -42,11 +42,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-CHECKS = (
-    "identical", "near_identical", "duplicate", "conflict", "reversed_pair", "empty_response", "empty_prompt",
-    "length_ratio",
-)
-SCORES = ("near_identical_score", "length_ratio_score")
+from prefdiag import flags
+
+CHECKS = flags.names("data")  # the registry (prefdiag.flags) names every check
+SCORES = tuple(flag.score for flag in flags.FLAGS if flag.kind == "data" and flag.score)
 NEAR_IDENTICAL_SIMILARITY = 0.9
 # Similarities under this floor are reported as 0: those responses are clearly different, and the banded edit
 # distance that stops at the floor costs a tenth of the exact one on long responses.

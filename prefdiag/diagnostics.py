@@ -5,11 +5,13 @@ log-probs alone (pure pandas/numpy: no torch). Definitions follow docs/metrics.m
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from prefdiag import flags
 from prefdiag.checks import CHECKS
 
 SCHEMA_VERSION = 1
@@ -20,25 +22,25 @@ UNANIMOUS_SHARE = 1 - 1e-3
 MISLABEL_REWARD_MARGIN = -1.0
 MISLABEL_LOSS_QUANTILE = 0.95
 
-REFERENCE_FLAGS = ("ref_prefers_rejected",)
-POLICY_FLAGS = ("negative_margin_regime", "chosen_displaced", "both_displaced", "likely_mislabeled")
-TOKEN_FLAGS = ("truncated", "dropped", "boundary_mismatch")
+# Flag names by kind, from the one registry (prefdiag.flags). A flag missing from a table is skipped.
+REFERENCE_FLAGS = tuple(name for name in flags.names("reference") if name != "non_finite")
+POLICY_FLAGS = flags.names("policy")
+TOKEN_FLAGS = flags.names("token")
 DATA_FLAGS = CHECKS + TOKEN_FLAGS  # no model needed (token flags need only a tokenizer); rates over all pairs
 # A data problem that makes a pair useless or contradictory for training, whatever the model.
-HARD_DATA_FLAGS = ("identical", "duplicate", "conflict", "empty_response", "empty_prompt")
-_DATA_FLAG_WORDS = {
-    "identical": "with identical responses",
-    "duplicate": "duplicated",
-    "conflict": "conflicting",
-    "empty_response": "with an empty response",
-    "empty_prompt": "with an empty prompt",
-}
+HARD_DATA_FLAGS = flags.hard_data_flags()
+LOGP_COLUMNS = {"reference": ("ref_chosen_logp", "ref_rejected_logp"),
+                "policy": ("policy_chosen_logp", "policy_rejected_logp")}  # fmt: skip
+# The policy "equals" the reference on a pair when neither log-prob moved by more than this (nats).
+UNCHANGED_NATS = 1e-6
+EXAMPLES = 5  # pair ids kept in the summary per finding
 
 
 def softplus(x: np.ndarray) -> np.ndarray:
     """log(1 + exp(x)), stable for large |x|."""
     x = np.asarray(x, dtype=np.float64)
-    return np.logaddexp(0.0, x)
+    with np.errstate(invalid="ignore"):
+        return np.logaddexp(0.0, x)
 
 
 def has_policy(table: pd.DataFrame) -> bool:
@@ -49,18 +51,33 @@ def has_reference(table: pd.DataFrame) -> bool:
     return "ref_chosen_logp" in table.columns
 
 
+def non_finite_by_model(table: pd.DataFrame) -> dict[str, pd.Series]:
+    """Per model (reference, policy): scored pairs (not ``dropped``) with a NaN or infinite log-prob."""
+    dropped = table["dropped"].astype(bool) if "dropped" in table.columns else pd.Series(False, index=table.index)
+    out = {}
+    for model, columns in LOGP_COLUMNS.items():
+        if columns[0] in table.columns:
+            values = table[list(columns)].to_numpy(float)
+            out[model] = pd.Series(~np.isfinite(values).all(axis=1), index=table.index) & ~dropped
+    return out
+
+
 def add_pair_metrics(table: pd.DataFrame, beta: float) -> pd.DataFrame:
-    """Add margins, rewards, DPO loss and the boolean flags to a table of summed log-probs (returns a copy)."""
+    """Add margins, rewards, DPO loss and the boolean flags to a table of summed log-probs (returns a copy).
+    A pair with a NaN/inf log-prob is flagged ``non_finite`` and carries no other model flag."""
     out = table.copy()
     if not has_reference(out):
         return out
     ref_c, ref_r = out["ref_chosen_logp"].to_numpy(float), out["ref_rejected_logp"].to_numpy(float)
     n_c = out["chosen_tokens"].to_numpy(float)
     n_r = out["rejected_tokens"].to_numpy(float)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    bad = non_finite_by_model(out)
+    non_finite = np.logical_or.reduce([mask.to_numpy() for mask in bad.values()])
+    out["non_finite"] = non_finite
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         out["ref_margin"] = ref_c - ref_r
         out["ref_margin_per_token"] = ref_c / n_c - ref_r / n_r
-        out["ref_prefers_rejected"] = out["ref_margin"] < 0
+        out["ref_prefers_rejected"] = (out["ref_margin"] < 0) & ~non_finite
         # Loss a pair must reach before its ranking flips (Chen et al. Thm 4.1): -log sigmoid(-beta * ref_margin).
         out["flip_loss"] = softplus(beta * out["ref_margin"].to_numpy())
         if not has_policy(out):
@@ -74,16 +91,18 @@ def add_pair_metrics(table: pd.DataFrame, beta: float) -> pd.DataFrame:
         out["reward_rejected"] = beta * out["rejected_logratio"]
         out["reward_margin"] = out["reward_chosen"] - out["reward_rejected"]
         out["dpo_loss"] = softplus(-out["reward_margin"].to_numpy())
+        # The implicit reward model's probability that the label is flipped, P(rejected > chosen).
+        out["mislabel_score"] = np.exp(-softplus(out["reward_margin"].to_numpy()))
+    finite = ~non_finite
     reward_margin = out["reward_margin"]
-    out["negative_margin_regime"] = (reward_margin > 0) & (out["policy_margin"] < 0)
-    out["chosen_displaced"] = out["chosen_logratio"] < 0
+    out["negative_margin_regime"] = (reward_margin > 0) & (out["policy_margin"] < 0) & finite
+    out["chosen_displaced"] = (out["chosen_logratio"] < 0) & finite
     out["both_displaced"] = out["chosen_displaced"] & (out["rejected_logratio"] < 0)
-    loss_tail = out["dpo_loss"].quantile(MISLABEL_LOSS_QUANTILE) if out["dpo_loss"].notna().any() else np.inf
-    out["likely_mislabeled"] = (reward_margin < MISLABEL_REWARD_MARGIN) | (
-        (out["dpo_loss"] >= loss_tail) & (reward_margin < 0)
-    )
-    # The implicit reward model's probability that the label is flipped, P(rejected > chosen) = sigmoid(-margin).
-    out["mislabel_score"] = np.exp(-softplus(reward_margin.to_numpy()))
+    losses = out["dpo_loss"][finite & out["dpo_loss"].notna()]
+    loss_tail = losses.quantile(MISLABEL_LOSS_QUANTILE) if len(losses) else np.inf
+    out["likely_mislabeled"] = (
+        (reward_margin < MISLABEL_REWARD_MARGIN) | ((out["dpo_loss"] >= loss_tail) & (reward_margin < 0))
+    ) & finite
     return out
 
 
@@ -112,17 +131,37 @@ def _correlation(a: pd.Series, b: pd.Series) -> float | None:
     return float(frame["a"].corr(frame["b"]))
 
 
+def scored_pairs(table: pd.DataFrame) -> pd.Series:
+    """The pairs every rate and mean is computed on: both log-probs of every model present, all finite."""
+    mask = table["ref_chosen_logp"].notna() & table["ref_rejected_logp"].notna()
+    if "non_finite" in table.columns:
+        mask &= ~table["non_finite"].astype(bool)
+    return mask
+
+
 def summarize(table: pd.DataFrame, beta: float) -> dict[str, Any]:
-    """Dataset-level metrics of a table that went through add_pair_metrics; every value is a plain number."""
+    """Dataset-level metrics of a table that went through add_pair_metrics; every value is a plain number (and,
+    under ``pair_examples``, a few pair ids per finding)."""
     summary: dict[str, Any] = {"n_pairs": int(len(table)), "beta": float(beta)}
     for flag in DATA_FLAGS:
         if flag in table.columns:
             summary[f"{flag}_rate"] = float(table[flag].mean()) if len(table) else None
             summary[f"n_{flag}"] = int(table[flag].sum())
+    hard = [flag for flag in HARD_DATA_FLAGS if flag in table.columns]
+    if hard:
+        summary["n_data_problems"] = int(table[hard].astype(bool).any(axis=1).sum())
     if not has_reference(table):
+        _add_examples(summary, table)
         return summary
-    scored = table["ref_chosen_logp"].notna() & table["ref_rejected_logp"].notna()
+    scored = scored_pairs(table)
     summary["n_scored"] = int(scored.sum())
+    if "non_finite" in table.columns:
+        bad = non_finite_by_model(table)
+        summary["n_non_finite"] = int(table["non_finite"].sum())
+        for model, mask in bad.items():
+            summary[f"n_non_finite_{model}"] = int(mask.sum())
+        not_dropped = int((~table["dropped"].astype(bool)).sum()) if "dropped" in table.columns else len(table)
+        summary["non_finite_rate"] = summary["n_non_finite"] / not_dropped if not_dropped else None
     t = table[scored]
     ref_correct = t["ref_margin"] > 0
     summary["ref_ranking_accuracy"] = float(ref_correct.mean()) if len(t) else None
@@ -137,17 +176,19 @@ def summarize(table: pd.DataFrame, beta: float) -> dict[str, Any]:
     summary["mean_rejected_tokens"] = _mean(t["rejected_tokens"].astype(float))
     summary["chosen_longer_rate"] = float((t["chosen_tokens"] > t["rejected_tokens"]).mean()) if len(t) else None
     length_diff = (t["chosen_tokens"] - t["rejected_tokens"]).astype(float)
-    for flag in REFERENCE_FLAGS:
-        summary[f"{flag}_rate"] = _rate(table[flag], scored)
+    _flag_rates(summary, table, REFERENCE_FLAGS, scored)
     quantiles = {"ref_margin": _quantiles(t["ref_margin"])}
     if not has_policy(table):
         summary["ref_margin_length_correlation"] = _correlation(t["ref_margin"], length_diff)
         summary["quantiles"] = quantiles
+        _add_examples(summary, table)
         return summary
 
     policy_correct = t["policy_margin"] > 0
     summary["reward_accuracy"] = float((t["reward_margin"] > 0).mean()) if len(t) else None
     summary["ranking_accuracy"] = float(policy_correct.mean()) if len(t) else None
+    unchanged = (t["chosen_logratio"].abs() <= UNCHANGED_NATS) & (t["rejected_logratio"].abs() <= UNCHANGED_NATS)
+    summary["policy_unchanged_rate"] = float(unchanged.mean()) if len(t) else None
     summary["mean_dpo_loss"] = _mean(t["dpo_loss"])
     summary["mean_reward_margin"] = _mean(t["reward_margin"])
     summary["mean_reward_chosen"] = _mean(t["reward_chosen"])
@@ -158,8 +199,7 @@ def summarize(table: pd.DataFrame, beta: float) -> dict[str, Any]:
     summary["mean_policy_rejected_logp"] = _mean(t["policy_rejected_logp"])
     summary["mean_chosen_logratio"] = _mean(t["chosen_logratio"])
     summary["mean_rejected_logratio"] = _mean(t["rejected_logratio"])
-    for flag in POLICY_FLAGS:
-        summary[f"{flag}_rate"] = _rate(table[flag], scored)
+    _flag_rates(summary, table, POLICY_FLAGS, scored)
     transitions = {
         "ref_correct_to_policy_correct": int((ref_correct & policy_correct).sum()),
         "ref_correct_to_policy_incorrect": int((ref_correct & ~policy_correct).sum()),
@@ -183,7 +223,27 @@ def summarize(table: pd.DataFrame, beta: float) -> dict[str, Any]:
         }
     )
     summary["quantiles"] = quantiles
+    _add_examples(summary, table)
     return summary
+
+
+def _flag_rates(summary: dict[str, Any], table: pd.DataFrame, names: tuple[str, ...], scored: pd.Series) -> None:
+    for flag in names:
+        if flag in table.columns:
+            mask = table[flag].astype(bool)
+            summary[f"{flag}_rate"] = _rate(mask, scored)
+            summary[f"n_{flag}"] = int((mask & scored).sum())
+
+
+def _add_examples(summary: dict[str, Any], table: pd.DataFrame) -> None:
+    if "pair_id" not in table.columns:
+        return
+    examples = {item.id: [str(v) for v in item.rows["pair_id"]] for item in pair_lists(table, EXAMPLES)}
+    for flag in flags.names():  # every other flag: its first pairs in table order
+        if flag not in examples and flag in table.columns and table[flag].dtype == bool and table[flag].any():
+            examples[flag] = [str(v) for v in table.loc[table[flag], "pair_id"].head(EXAMPLES)]
+    if examples:
+        summary["pair_examples"] = examples
 
 
 def summarize_groups(table: pd.DataFrame, column: str, beta: float) -> dict[str, Any]:
@@ -191,76 +251,92 @@ def summarize_groups(table: pd.DataFrame, column: str, beta: float) -> dict[str,
     whole table, computed on the group's pairs (flags computed on the whole table, e.g. the DPO-loss tail, keep their
     whole-table meaning). Groups are keyed by str(value), missing values as "null", in sorted order."""
     keys = table[column]
-    names = keys.astype("str").where(keys.notna(), "null")
+    try:
+        names = keys.astype("str").where(keys.notna(), "null").tolist()
+    except UnicodeEncodeError:  # a lone surrogate (object column): Arrow strings cannot hold it
+        names = [str(v) if pd.notna(v) else "null" for v in keys]
     numbers = table.select_dtypes(include=["number", "bool"])  # what summarize() reads; not the text
+    indices: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        indices.setdefault(name, []).append(i)
     values = {}
-    for name, rows in sorted(names.groupby(names, sort=False).indices.items()):
+    for name, rows in sorted(indices.items()):
         group = summarize(numbers.iloc[rows], beta)
         values[str(name)] = {k: v for k, v in group.items() if not isinstance(v, (dict, list))}
     return {"column": column, "values": values}
 
 
-def _pct(value: float) -> str:
-    return f"{100 * value:.0f}%"
+def verdict(summary: dict[str, Any]) -> dict[str, Any]:
+    """The findings, most severe first (``findings``), and the headline: the worst finding's ``level`` (ok, warn,
+    fail) and sentence (``text``)."""
+    from prefdiag.findings import findings
+
+    found = findings(summary)
+    return {"level": found[0]["level"], "text": found[0]["text"], "findings": found}
 
 
-def verdict(summary: dict[str, Any]) -> dict[str, str]:
-    """One sentence on the most serious finding, with a level: ok, warn or fail."""
-    nmr = summary.get("negative_margin_regime_rate")
-    ranking, reward = summary.get("ranking_accuracy"), summary.get("reward_accuracy")
-    displaced = summary.get("chosen_displaced_rate")
-    ref_wrong = summary.get("ref_prefers_rejected_rate")
-    if nmr is not None and nmr >= 0.05:
-        return {
-            "level": "fail" if nmr >= 0.15 else "warn",
-            "text": f"{_pct(nmr)} of pairs are in the negative-margin regime: DPO's loss counts them as learned "
-            f"while the policy still prefers the rejected answer (reward accuracy {_pct(reward)}, "
-            f"ranking accuracy {_pct(ranking)}).",
-        }
-    if ranking is not None and reward is not None and ranking < 0.6 and reward - ranking >= 0.1:
-        return {
-            "level": "warn",
-            "text": f"Reward accuracy is {_pct(reward)} but the policy ranks only {_pct(ranking)} of pairs correctly: "
-            "the loss curve overstates what was learned.",
-        }
-    if displaced is not None and displaced >= 0.5:
-        return {
-            "level": "warn",
-            "text": f"The chosen answer's likelihood fell on {_pct(displaced)} of pairs (likelihood displacement), "
-            f"though ranking accuracy is {_pct(ranking)}.",
-        }
-    if ranking is not None:
-        return {
-            "level": "ok",
-            "text": f"The policy ranks {_pct(ranking)} of pairs correctly (reference {_pct(summary['ref_ranking_accuracy'])}"
-            f"), with {_pct(nmr or 0)} in the negative-margin regime.",
-        }
-    if ref_wrong is not None:
-        level = "warn" if ref_wrong >= 0.3 else "ok"
-        ideal = summary.get("idealised_ranking_accuracy")
-        return {
-            "level": level,
-            "text": f"The reference prefers the rejected answer on {_pct(ref_wrong)} of pairs: DPO starts these on "
-            f"the wrong side and rarely flips them (idealised ranking accuracy {_pct(ideal)}).",
-        }
-    hard = {flag: summary[f"n_{flag}"] for flag in HARD_DATA_FLAGS if summary.get(f"n_{flag}")}
-    if hard:
-        worst = sorted(hard.items(), key=lambda item: -item[1])
-        listed = ", ".join(f"{n} {_DATA_FLAG_WORDS[flag]}" for flag, n in worst)
-        return {
-            "level": "warn",
-            "text": f"{summary['n_pairs']} pairs loaded; pairs to fix before training: {listed}.",
-        }
-    return {"level": "ok", "text": f"{summary['n_pairs']} pairs loaded; no model was scored."}
+# -- pairs worth a look --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairList:
+    """Pairs behind one finding: ``id`` (the finding's), a title saying what they are, the ordering, the rows."""
+
+    id: str
+    title: str
+    order: str  # what the rows are ordered by, in words
+    n: int  # pairs the list holds before the cut
+    rows: pd.DataFrame
+
+
+def _per_token_reward(table: pd.DataFrame) -> pd.Series:
+    return table["policy_margin_per_token"] - table["ref_margin_per_token"]
+
+
+def pair_lists(table: pd.DataFrame, n: int = 10) -> list[PairList]:
+    """One list per finding with pairs behind it (non-finite, negative-margin regime, likely mislabeled, broken by
+    training, reference prefers rejected without a policy, data problems), each cut to ``n`` rows and ordered by a
+    per-token measure so that a long response alone does not put a pair first."""
+    lists = []
+
+    def add(list_id: str, title: str, mask: pd.Series, key: pd.Series | None, order: str) -> None:
+        mask = mask.fillna(False).astype(bool)
+        if not mask.any():
+            return
+        rows = table[mask]
+        if key is not None:
+            rows = rows.loc[key[mask].sort_values(kind="stable", na_position="last").index]
+        lists.append(PairList(list_id, title, order, int(mask.sum()), rows.head(n)))
+
+    if "non_finite" in table.columns:
+        add("non_finite", "Pairs with a NaN or infinite log-prob (left out of every rate)", table["non_finite"], None,
+            "table order")  # fmt: skip
+    if has_policy(table):
+        add("negative_margin_regime", "Negative-margin regime: reward margin > 0 but the policy prefers rejected",
+            table["negative_margin_regime"], table["policy_margin_per_token"], "policy margin per token, lowest first")
+        add("likely_mislabeled", "Likely mislabeled: the implicit reward still prefers rejected",
+            table["likely_mislabeled"], _per_token_reward(table), "reward margin per token, lowest first")
+        broken = (table["ref_margin"] > 0) & (table["policy_margin"] <= 0) & scored_pairs(table)
+        add("broken_by_training", "Broken by training: the reference ranked these correctly, the policy does not",
+            broken, table["policy_margin_per_token"], "policy margin per token, lowest first")  # fmt: skip
+    elif has_reference(table):
+        add("ref_prefers_rejected", "Reference prefers rejected: DPO starts these on the wrong side",
+            table["ref_prefers_rejected"], table["ref_margin_per_token"], "reference margin per token, lowest first")
+    problems = [f for f in HARD_DATA_FLAGS if f in table.columns]
+    if problems:
+        flagged = table[problems].astype(bool)
+        add("data_problems", "Data problems: " + ", ".join(flags.label(f) for f in problems if flagged[f].any()),
+            flagged.any(axis=1), -flagged.sum(axis=1), "number of problems, most first")  # fmt: skip
+    return lists
 
 
 def worst_pairs(table: pd.DataFrame, n: int = 10) -> pd.DataFrame:
     """The pairs most in need of a look: negative-margin-regime pairs first, then by how much the model prefers
-    the rejected answer."""
+    the rejected answer per token (so that length alone does not rank a pair first)."""
     if has_policy(table):
-        key = table["policy_margin"] - 1e6 * table["negative_margin_regime"].astype(float)
+        key = table["policy_margin_per_token"] - 1e6 * table["negative_margin_regime"].astype(float)
     elif has_reference(table):
-        key = table["ref_margin"]
+        key = table["ref_margin_per_token"]
     else:
         return table.head(0)
     return table.loc[key.sort_values(kind="stable").index[:n].tolist()]

@@ -82,11 +82,16 @@ def test_junit_has_one_testcase_per_rule_and_a_failure_for_failed_error_rules():
     assert {p.get("name") for p in suite.find("properties")} >= {"command", "verdict", "gate"}
 
 
-def test_junit_without_rules_is_an_empty_suite():
+def test_junit_without_rules_holds_the_verdict_as_a_skipped_testcase():
+    """Failed before: tests="0" and no testcase, which CI systems show as an empty or broken report."""
     _, summary = synthetic([1, 2], [1, 1])
     gate.apply(summary, [])
     suite = ET.fromstring(render_junit(summary)).find("testsuite")
-    assert suite.get("tests") == "0" and suite.findall("testcase") == []
+    (case,) = suite.findall("testcase")
+    assert suite.get("tests") == "1" and suite.get("skipped") == "1" and suite.get("failures") == "0"
+    assert case.find("skipped").get("message") == "no gate rules were set"
+    assert case.get("name") == f"verdict: {summary['verdict']['level']}"
+    assert summary["verdict"]["text"] in case.find("system-out").text
 
 
 # ------------------------------------------------------------------------------------------------------ baseline
@@ -196,11 +201,12 @@ def test_html_report_is_self_contained_with_plots(hostile_run):
     html = (hostile_run / "report.html").read_text()
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", html)  # nothing fetched from a network
     assert "<script" not in html
-    images = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
-    assert len(images) == 5  # quadrant scatter, margins, reward margin, log-prob changes, DPO loss
+    plots = re.findall(r"<figure[^>]*>\s*<svg ", html)
+    assert len(plots) == 5  # quadrant scatter, margins, reward margin, log-prob changes, DPO loss
+    assert "<img" not in html  # inline SVG, no picture to fetch or decode
     for name in ("aligned", "fixed by training", "broken by training", "still wrong"):
         assert name in html  # transition table labels (the scatter names them in the image too)
-    assert "Ranking under the reference" in html and "Worst 3 pairs" in html
+    assert "Ranking under the reference" in html and "Worst pairs, by finding" in html
 
 
 def test_audit_reports_get_the_reference_subset(model_dirs, pairs_file, tmp_path):
@@ -208,7 +214,7 @@ def test_audit_reports_get_the_reference_subset(model_dirs, pairs_file, tmp_path
                   "--min", "ref_ranking_accuracy=0").exit_code == 0  # fmt: skip
     html = (tmp_path / "a" / "report.html").read_text()
     assert "Reference margin" in html and "Length difference" in html
-    assert len(re.findall(r"data:image/png;base64", html)) == 2 and "Ranking under the reference" not in html
+    assert len(re.findall(r"<figure[^>]*>\s*<svg ", html)) == 2 and "Ranking under the reference" not in html
     assert ET.fromstring((tmp_path / "a" / "junit.xml").read_text()).find("testsuite").get("tests") == "1"
     rows = [{"prompt": "Q: one?", "chosen": " same answer.", "rejected": " same  answer."},
             {"prompt": "Q: two?", "chosen": " yes.", "rejected": " no."}]  # fmt: skip
@@ -217,8 +223,8 @@ def test_audit_reports_get_the_reference_subset(model_dirs, pairs_file, tmp_path
     result = invoke("audit", data, "-q", "-o", tmp_path / "b", "--max", "identical_rate=0")  # no model at all
     assert result.exit_code == 1, result.output
     html = (tmp_path / "b" / "report.html").read_text()
-    assert "data:image" not in html and "Metrics" in html
-    assert "First 1 flagged pairs" in html and "identical responses" in html and "Q: one?" in html
+    assert "<svg" not in html and "Metrics" in html
+    assert "Data problems: identical responses" in html and "1 of 1 pairs" in html and "Q: one?" in html
     assert "| identical responses |" in (tmp_path / "b" / "report.md").read_text()
 
 

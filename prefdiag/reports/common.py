@@ -4,51 +4,46 @@ per-group metrics and the text of a pair. The writers (terminal, Markdown, HTML,
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from prefdiag.diagnostics import worst_pairs
+from prefdiag import flags
+from prefdiag.diagnostics import PairList, pair_lists, worst_pairs
+from prefdiag.formatting import base_name, format_value, is_rate, plural  # noqa: F401 (re-exported)
 from prefdiag.gate import OPS
 
-# (summary key, label) in display order; keys missing from a summary are skipped.
+_MODEL_FLAGS = [f for f in flags.FLAGS if f.kind in ("reference", "policy") and f.name != "non_finite"]
+_DATA_FLAGS = [f for f in flags.FLAGS if f.kind in ("data", "token")]
+# (summary key, label) in display order; keys missing from a summary are skipped. Flag rates: the registry's labels.
 METRIC_LABELS = [
     ("n_pairs", "pairs"),
     ("n_scored", "pairs scored"),
+    ("n_non_finite", "pairs with a NaN/inf log-prob (left out)"),
     ("beta", "beta"),
     ("reward_accuracy", "reward accuracy (reward_margin > 0)"),
     ("ranking_accuracy", "ranking accuracy, policy (policy_margin > 0)"),
+    ("ranking_accuracy_per_token", "ranking accuracy per token, policy"),
     ("ref_ranking_accuracy", "ranking accuracy, reference (ref_margin > 0)"),
     ("idealised_ranking_accuracy", "idealised ranking accuracy (Chen et al.)"),
     ("flip_rate", "reference-misranked pairs the policy fixed"),
     ("break_rate", "reference-correct pairs the policy broke"),
+    ("policy_unchanged_rate", "pairs the policy scores exactly as the reference"),
     ("mean_dpo_loss", "mean DPO loss"),
-    ("mean_reward_margin", "mean reward margin"),
+    ("mean_reward_margin", "mean reward margin (beta x nats)"),
     ("mean_ref_margin", "mean reference margin (nats)"),
     ("mean_policy_margin", "mean policy margin (nats)"),
-    ("mean_chosen_logratio", "mean chosen log-ratio (policy - ref)"),
-    ("mean_rejected_logratio", "mean rejected log-ratio (policy - ref)"),
+    ("mean_chosen_logratio", "mean chosen log-ratio (policy - ref, nats)"),
+    ("mean_rejected_logratio", "mean rejected log-ratio (policy - ref, nats)"),
     ("median_displacement_ratio", "median d(rejected)/d(chosen)"),
-    ("ref_prefers_rejected_rate", "reference prefers rejected"),
-    ("negative_margin_regime_rate", "negative-margin regime"),
-    ("chosen_displaced_rate", "chosen displaced"),
-    ("both_displaced_rate", "both displaced"),
-    ("likely_mislabeled_rate", "likely mislabeled"),
+    *((f"{f.name}_rate", f.label) for f in _MODEL_FLAGS),
     ("chosen_longer_rate", "chosen longer than rejected"),
     ("reward_margin_length_correlation", "corr(reward margin, length difference)"),
     ("ref_margin_length_correlation", "corr(reference margin, length difference)"),
-    ("identical_rate", "chosen == rejected"),
-    ("near_identical_rate", "near-identical responses"),
-    ("duplicate_rate", "duplicated pairs"),
-    ("conflict_rate", "conflicting pairs"),
-    ("empty_response_rate", "empty response"),
-    ("empty_prompt_rate", "empty prompt"),
-    ("length_ratio_rate", "length ratio > 4x"),
-    ("truncated_rate", "truncated at --max-length"),
-    ("dropped_rate", "dropped (prompt fills --max-length)"),
-    ("boundary_mismatch_rate", "prompt/completion token boundary mismatch"),
+    *((f"{f.name}_rate", f.label) for f in _DATA_FLAGS),
 ]
 LABELS = dict(METRIC_LABELS)
 # Metrics shown per group and in the baseline comparison.
@@ -68,43 +63,26 @@ KEY_METRICS = [
     "flip_rate",
     "break_rate",
 ]
+# Short column headers for the per-group table (terminal and HTML).
+GROUP_HEADERS = {
+    "n_pairs": "pairs",
+    "reward_accuracy": "reward acc.",
+    "ranking_accuracy": "rank acc.",
+    "ref_ranking_accuracy": "ref rank acc.",
+    "negative_margin_regime_rate": "neg. margin",
+    "chosen_displaced_rate": "chosen displaced",
+    "ref_prefers_rejected_rate": "ref prefers rejected",
+    "likely_mislabeled_rate": "likely mislabeled",
+    "mean_dpo_loss": "mean loss",
+    "mean_reward_margin": "mean reward margin",
+    "mean_ref_margin": "mean ref margin (nats)",
+    "mean_policy_margin": "mean policy margin (nats)",
+    "flip_rate": "fixed",
+    "break_rate": "broken",
+}
 STATUS = {"pass": "pass", "fail": "FAIL", "warn": "warn"}
+ID_LIMIT = 80  # characters of a pair id or group value shown
 TEXT_LIMIT = 4000  # characters of a prompt or response shown in a report
-
-
-def _base_name(key: str) -> str:
-    """The summary key a gate metric name formats like: groups.x.m -> m, m_drop -> m, quantiles.c.p05 -> p05."""
-    key = key.rpartition(".")[2]
-    for suffix in ("_drop", "_delta"):
-        if key.endswith(suffix):
-            return key.removesuffix(suffix)
-    return key
-
-
-def is_rate(key: str) -> bool:
-    return _base_name(key).endswith(("_rate", "_accuracy"))
-
-
-def format_value(key: str, value: Any) -> str:
-    """Rates and accuracies as percentages, counts as integers, other numbers with 4 significant digits."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "n/a"
-    if isinstance(value, bool):
-        return str(value)
-    base = _base_name(key)
-    change = key.endswith(("_drop", "_delta"))
-    if base.startswith("n_") or base.startswith("ref_correct_to") or base.startswith("ref_incorrect_to"):
-        if float(value).is_integer():
-            return f"{int(value):+d}" if change else str(int(value))
-    if change and is_rate(key):
-        return f"{100 * value:+.1f} pp"
-    if change:
-        return f"{value:+.4g}"
-    if is_rate(key):
-        return f"{100 * value:.1f}%"
-    if isinstance(value, (float, np.floating)):
-        return f"{value:.4g}"
-    return str(value)
 
 
 def metric_rows(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -127,6 +105,11 @@ class GateRow:
     source: str
     message: str  # one line: "ranking_accuracy = 58.3%, needs >= 60.0%"
 
+    @property
+    def name(self) -> str:
+        """The metric as shown: cleaned, and cut when a group value makes it long."""
+        return short(self.metric, 200)
+
 
 def gate_rows(summary: dict[str, Any]) -> list[GateRow]:
     rows = []
@@ -139,9 +122,10 @@ def gate_rows(summary: dict[str, Any]) -> list[GateRow]:
         else:
             status = "fail" if rule["severity"] == "error" else "warn"
         verb = "meets" if rule["passed"] else "needs"
-        message = f"{metric} = {observed}, {verb} {condition}"
+        shown = short(metric, 200)
+        message = f"{shown} = {observed}, {verb} {condition}"
         if rule["observed"] is None:
-            message = f"{metric} has no value in this run, needs {condition}"
+            message = f"{shown} has no value in this run, needs {condition}"
         rows.append(GateRow(status, metric, condition, observed, rule["severity"], rule.get("source", ""), message))
     return rows
 
@@ -153,10 +137,11 @@ def gate_headline(summary: dict[str, Any]) -> tuple[str, str]:
         return "none", "No gate rules were set (--min/--max, --gate FILE or [tool.prefdiag.gate])."
     n, failed, warned = gate["n_rules"], gate["n_failed"], gate["n_warnings"]
     if failed:
-        plural = "s" if warned != 1 else ""
-        return "fail", f"Gate FAILED: {failed} of {n} rules failed" + (f", {warned} warning{plural}." if warned else ".")
+        return "fail", f"Gate FAILED: {failed} of {plural(n, 'rule')} failed" + (
+            f", {plural(warned, 'warning')}." if warned else "."
+        )
     if warned:
-        return "warn", f"Gate passed with {warned} warning{'s' if warned != 1 else ''} ({n} rules)."
+        return "warn", f"Gate passed with {plural(warned, 'warning')} ({plural(n, 'rule')})."
     return "ok", "Gate passed: the one rule holds." if n == 1 else f"Gate passed: all {n} rules hold."
 
 
@@ -181,11 +166,11 @@ def group_rows(summary: dict[str, Any]) -> tuple[str, list[str], list[list[str]]
     if not isinstance(values, dict) or not values:
         return "", [], []
     present = [k for k in KEY_METRICS if any(isinstance(v, dict) and k in v for v in values.values())]
-    rows = [[str(g)] + [format_value(k, (m or {}).get(k)) for k in present] for g, m in values.items()]
+    rows = [[short(g)] + [format_value(k, (m or {}).get(k)) for k in present] for g, m in values.items()]
     return str(groups.get("column", "group")), present, rows
 
 
-def as_text(value: Any, limit: int = TEXT_LIMIT) -> str:
+def as_text(value: Any, limit: int = TEXT_LIMIT, bidi: bool = False) -> str:
     """A prompt or response as plain text: strings as they are, a conversation as "role: content" lines."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
@@ -201,24 +186,61 @@ def as_text(value: Any, limit: int = TEXT_LIMIT) -> str:
         text = "\n".join(lines)
     else:
         text = str(value)
-    return text if len(text) <= limit else text[:limit] + f"… [{len(text) - limit} more characters]"
+    text = text if len(text) <= limit else text[:limit] + f"… [{len(text) - limit} more characters]"
+    return clean_text(text, bidi=bidi)
 
 
 def one_line(value: Any, width: int) -> str:
-    text = " ".join(as_text(value, limit=width * 4).split())
+    """One line of at most ``width`` characters, bidi controls shown as code points (safe in a table row)."""
+    text = " ".join(as_text(value, limit=width * 4, bidi=True).split())
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ufffe\uffff]")
+_BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _picture(match: re.Match) -> str:
+    code = ord(match.group())
+    if code < 0x20:
+        return chr(0x2400 + code)  # the control picture: U+0001 shows as ␁
+    return "␡" if code == 0x7F else f"<U+{code:04X}>"
+
+
+def clean_text(text: str, bidi: bool = False) -> str:
+    """Text any report can hold as is: lone surrogates become U+FFFD, control characters (other than tab and
+    newline) their visible pictures, and with ``bidi`` the direction controls their code points (a right-to-left
+    override cannot reverse the rest of a table row or log line)."""
+    text = _SURROGATE.sub("\ufffd", text)
+    text = _CONTROL.sub(_picture, text)
+    return _BIDI.sub(lambda m: f"<U+{ord(m.group()):04X}>", text) if bidi else text
+
+
+def short(value: Any, limit: int = ID_LIMIT) -> str:
+    """A pair id or group value for a heading or cell: cleaned (bidi controls shown) and cut at ``limit``."""
+    return one_line(value, limit)
+
+
 # Model-free data checks (prefdiag.checks): a pair flagged by one is worth a look even with no model.
-DATA_FLAG_LABELS = {
-    "identical": "identical responses",
-    "near_identical": "near-identical responses",
-    "duplicate": "duplicate",
-    "conflict": "conflict",
-    "empty_response": "empty response",
-    "empty_prompt": "empty prompt",
-    "length_ratio": "length ratio > 4x",
-}
+DATA_FLAG_LABELS = {f.name: f.label for f in flags.FLAGS if f.kind == "data"}
+FLAG_LABELS = dict(flags.LABELS)  # every flag, for the chips beside a pair
+
+
+def pair_sections(table: pd.DataFrame | None, n: int) -> list[PairList]:
+    """The lists of pairs behind the findings (diagnostics.pair_lists), each headed by what it holds; when no
+    finding names a pair, the pairs with the lowest margin per token (still worth a look)."""
+    if table is None:
+        return []
+    sections = pair_lists(table, n)
+    if not sections and "ref_margin" in table.columns:
+        column = "policy_margin" if "policy_margin" in table.columns else "ref_margin"
+        rows = worst_pairs(table, n)
+        if len(rows):
+            title = f"Lowest {column.replace('_', ' ')}s: no finding flagged a pair"
+            sections = [PairList("lowest_margin", title, f"{column.replace('_', ' ')} per token, lowest first",
+                                 len(table), rows)]  # fmt: skip
+    return sections
 
 
 def pairs_to_show(table: pd.DataFrame | None, n: int) -> tuple[str, pd.DataFrame | None]:

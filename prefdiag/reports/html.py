@@ -1,4 +1,4 @@
-"""report.html: one self-contained page (inline CSS, plots as base64 PNG, no script, no network) with the gate,
+"""report.html: one self-contained page (inline CSS, plots as inline SVG, no script, no network) with the gate,
 the verdict, the metric table, the margin plots, the ranking transitions, the baseline comparison and the worst
 pairs with their text. Rendered by jinja2 with autoescape on: every piece of dataset text is escaped."""
 
@@ -10,31 +10,24 @@ from typing import Any
 import pandas as pd
 
 from prefdiag.reports.common import (
-    DATA_FLAG_LABELS,
+    FLAG_LABELS,
+    GROUP_HEADERS,
     as_text,
     baseline_rows,
+    clean_text,
     flag_labels,
     format_value,
     gate_headline,
     gate_rows,
     group_rows,
     metric_rows,
-    pairs_to_show,
+    pair_sections,
+    short,
 )
 from prefdiag.reports.plots import report_plots
 
-FLAG_LABELS = {
-    "negative_margin_regime": "negative-margin regime",
-    "ref_prefers_rejected": "reference prefers rejected",
-    "chosen_displaced": "chosen displaced",
-    "both_displaced": "both displaced",
-    "likely_mislabeled": "likely mislabeled",
-    "truncated": "truncated",
-    "dropped": "dropped",
-    "boundary_mismatch": "token boundary mismatch",
-    **DATA_FLAG_LABELS,
-}
-NUMBERS = ["ref_margin", "policy_margin", "reward_margin", "dpo_loss", "chosen_logratio", "rejected_logratio"]
+NUMBERS = ["ref_margin", "policy_margin", "reward_margin", "dpo_loss", "chosen_logratio", "rejected_logratio",
+           "ref_margin_per_token", "policy_margin_per_token"]
 
 
 @functools.cache
@@ -43,8 +36,17 @@ def _environment():
 
     return Environment(
         loader=PackageLoader("prefdiag", "templates"), autoescape=True, undefined=StrictUndefined, trim_blocks=True,
-        lstrip_blocks=True,
+        lstrip_blocks=True, finalize=_safe,
     )  # fmt: skip
+
+
+def _safe(value: Any) -> Any:
+    """Every value the template prints: control characters and lone surrogates made visible (valid UTF-8 HTML)."""
+    from markupsafe import Markup
+
+    if isinstance(value, Markup):
+        return Markup(clean_text(str(value)))
+    return clean_text(value) if isinstance(value, str) else value
 
 
 def render_html(table: pd.DataFrame | None, summary: dict[str, Any], n_worst: int = 10) -> str:
@@ -74,7 +76,8 @@ def report_context(table: pd.DataFrame | None, summary: dict[str, Any], n_worst:
         "transitions": _transitions(summary),
         "plots": report_plots(table),
         "baseline": _baseline(table, summary, n_worst),
-        "groups": {"column": column, "headers": group_headers, "rows": group_table},
+        "groups": {"column": short(column), "headers": [GROUP_HEADERS.get(h, h) for h in group_headers],
+                   "rows": group_table},
         "worst": _worst(table, n_worst),
         "provenance": _provenance(provenance),
     }
@@ -99,7 +102,7 @@ def _transitions(summary: dict[str, Any]) -> dict[str, Any] | None:
 def _pair(row: pd.Series, numbers: list[str]) -> dict[str, Any]:
     flags = flag_labels(row, FLAG_LABELS)
     return {
-        "pair_id": str(row["pair_id"]),
+        "pair_id": short(row["pair_id"]),
         "numbers": [(c, format_value(c, row[c])) for c in numbers if c in row.index],
         "flags": flags,
         "prompt": as_text(row.get("prompt")),
@@ -108,9 +111,12 @@ def _pair(row: pd.Series, numbers: list[str]) -> dict[str, Any]:
     }
 
 
-def _worst(table: pd.DataFrame | None, n: int) -> dict[str, Any]:
-    title, rows = pairs_to_show(table, n)
-    return {"title": title, "pairs": [] if rows is None else [_pair(row, NUMBERS) for _, row in rows.iterrows()]}
+def _worst(table: pd.DataFrame | None, n: int) -> list[dict[str, Any]]:
+    return [
+        {"title": section.title, "n": section.n, "order": section.order,
+         "pairs": [_pair(row, NUMBERS) for _, row in section.rows.iterrows()]}
+        for section in pair_sections(table, n)
+    ]  # fmt: skip
 
 
 def _baseline(table: pd.DataFrame | None, summary: dict[str, Any], n: int) -> dict[str, Any] | None:

@@ -11,30 +11,34 @@ import pandas as pd
 
 from prefdiag.reports.common import (
     DATA_FLAG_LABELS,
+    GROUP_HEADERS,
     baseline_rows,
+    clean_text,
     flag_labels,
     gate_headline,
     gate_rows,
     group_rows,
     metric_rows,
     one_line,
-    pairs_to_show,
+    pair_sections,
 )
 
 MARKS = {"pass": "✅ pass", "fail": "❌ **FAIL**", "warn": "⚠️ warn"}
+_HEADERS = {"ref_margin": "ref margin (nats)", "policy_margin": "policy margin (nats)",
+            "reward_margin": "reward margin (beta x nats)", "dpo_loss": "DPO loss"}  # fmt: skip
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
 
 
 def md(text: Any) -> str:
     """Text that renders as itself in a Markdown table cell: HTML entities for <, > and &, backslashes before
     Markdown punctuation, newlines as spaces."""
-    text = " ".join(str(text).split())
+    text = " ".join(clean_text(str(text), bidi=True).split())
     return _MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(text, quote=False))
 
 
 def code(text: Any) -> str:
     """Text as a code span (literal in Markdown, HTML shown as text), or escaped when it holds a backtick."""
-    text = " ".join(str(text).split())
+    text = " ".join(clean_text(str(text), bidi=True).split())
     return md(text) if "`" in text else "`" + text.replace("|", "\\|") + "`"
 
 
@@ -50,11 +54,17 @@ def render_markdown(table: pd.DataFrame | None, summary: dict[str, Any], n_worst
     if level != "none":
         lines += [f"**{'❌' if level == 'fail' else '⚠️' if level == 'warn' else '✅'} {headline}**", ""]
     lines += [f"**Verdict ({md(verdict.get('level', 'ok'))}):** {md(verdict.get('text', ''))}", ""]
+    findings = verdict.get("findings") or []
+    if len(findings) > 1:
+        lines += ["| level | finding | pairs |", "| --- | --- | --- |"]
+        lines += [f"| {md(f['level'])} | {md(f['text'])} | {md(one_line(f.get('pairs_text', ''), 200))} |"
+                  for f in findings]  # fmt: skip
+        lines.append("")
     rows = gate_rows(summary)
     if rows:
         lines += ["## Gate", "", "| result | rule | observed | severity | from |", "| --- | --- | --- | --- | --- |"]
         lines += [
-            f"| {MARKS[r.status]} | {code(r.metric)} {r.condition} | {r.observed} | {r.severity} | {code(r.source)} |"
+            f"| {MARKS[r.status]} | {code(r.name)} {r.condition} | {r.observed} | {r.severity} | {code(r.source)} |"
             for r in rows
         ]
         lines.append("")
@@ -79,19 +89,23 @@ def render_markdown(table: pd.DataFrame | None, summary: dict[str, Any], n_worst
     lines += _baseline_section(table, summary, n_worst)
     column, headers, group_table = group_rows(summary)
     if group_table:
-        lines += ["", f"## By {md(column)}", "", f"| {md(column)} | " + " | ".join(md(h) for h in headers) + " |"]
+        labels = [GROUP_HEADERS.get(h, h) for h in headers]
+        lines += ["", f"## By {md(column)}", "", f"| {md(column)} | " + " | ".join(md(h) for h in labels) + " |"]
         lines.append("| --- " * (len(headers) + 1) + "|")
         lines += ["| " + " | ".join(md(cell) for cell in row) + " |" for row in group_table]
-    title, worst = pairs_to_show(table, n_worst)
-    if worst is not None:
+    sections = pair_sections(table, n_worst)
+    if sections:
+        lines += ["", "## Worst pairs, by finding"]
+    for section in sections:
+        worst = section.rows
         numbers = [c for c in ("ref_margin", "policy_margin", "reward_margin", "dpo_loss") if c in worst.columns]
-        if not numbers:
-            numbers = ["flags"]
-        lines += ["", f"## {title}", "", "| pair | " + " | ".join(md(c) for c in numbers) + " | prompt |"]
-        lines.append("| --- " * (len(numbers) + 2) + "|")
+        headers = [_HEADERS[c] for c in numbers] or ["flags"]
+        lines += ["", f"### {md(section.title)}", "", f"{len(worst)} of {section.n} pairs, by {md(section.order)}.",
+                  "", "| pair | " + " | ".join(headers) + " | prompt |"]  # fmt: skip
+        lines.append("| --- " * (len(headers) + 2) + "|")
         for _, row in worst.iterrows():
-            if numbers == ["flags"]:
-                values = ", ".join(flag_labels(row, DATA_FLAG_LABELS))
+            if not numbers:
+                values = md(", ".join(flag_labels(row, DATA_FLAG_LABELS)))
             else:
                 values = " | ".join(f"{row[c]:.3f}" for c in numbers)
             lines.append(f"| {_cell(row['pair_id'], 24)} | {values} | {_cell(row.get('prompt', ''), 60)} |")

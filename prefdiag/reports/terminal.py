@@ -14,13 +14,28 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from prefdiag.diagnostics import worst_pairs
-from prefdiag.reports.common import baseline_rows, gate_headline, gate_rows, metric_rows, one_line
+from prefdiag.diagnostics import PairList
+from prefdiag.reports.common import (
+    GROUP_HEADERS,
+    baseline_rows,
+    clean_text,
+    gate_headline,
+    gate_rows,
+    group_rows,
+    metric_rows,
+    one_line,
+    pair_sections,
+    short,
+)
 
 LEVEL_STYLES = {"ok": "green", "warn": "yellow", "fail": "red", "none": "white"}
 MARKS = {"pass": ("✓ pass", "green"), "fail": ("✗ FAIL", "bold red"), "warn": ("! warn", "yellow")}
 BLOCKS = " ▏▎▍▌▋▊▉█"
 NUMBERS = [("ref_margin", "ref"), ("policy_margin", "policy"), ("reward_margin", "reward"), ("dpo_loss", "loss")]
+UNITS = "ref, policy: margins in nats; reward: beta x (policy - ref margin); loss: DPO loss"
+# Per-group columns that fit an 80-column log beside the group name.
+GROUP_COLUMNS = ["n_pairs", "reward_accuracy", "ranking_accuracy", "ref_ranking_accuracy",
+                 "negative_margin_regime_rate", "mean_dpo_loss"]  # fmt: skip
 
 
 def print_report(console: Console, table: pd.DataFrame | None, summary: dict[str, Any], n_worst: int = 10) -> None:
@@ -36,25 +51,51 @@ def print_report(console: Console, table: pd.DataFrame | None, summary: dict[str
         if column in table.columns:
             console.print(margin_histogram(table[column], column, width=min(console.width, 80)))
         _print_worst(console, table, n_worst)
+    _print_groups(console, summary)
     _print_baseline(console, summary)
-    verdict = summary.get("verdict", {})
-    level = verdict.get("level", "ok")
-    console.print(
-        Panel(escape(verdict.get("text", "")), title=f"verdict: {level}", border_style=LEVEL_STYLES.get(level, "white"))
-    )
+    console.print(verdict_panel(summary))
     _print_gate(console, summary)
 
 
-def worst_pairs_table(table: pd.DataFrame, n_worst: int, width: int = 80) -> Table | None:
-    """Pair id and margins at full width; the prompt takes what is left of ``width``, cut with an ellipsis."""
-    worst = worst_pairs(table, n_worst)
-    if not len(worst):
-        return None
+def verdict_panel(summary: dict[str, Any]) -> Panel:
+    """The verdict's findings in a panel titled with its level (what `prefdiag gate` prints beside the gate)."""
+    verdict = summary.get("verdict", {})
+    level = verdict.get("level", "ok")
+    return Panel(_findings_text(verdict), title=f"verdict: {level}", border_style=LEVEL_STYLES.get(level, "white"))
+
+
+def _findings_text(verdict: dict[str, Any]) -> Text:
+    """The headline, then every further finding on its own line with its level and the pairs behind it."""
+    findings = verdict.get("findings") or [{"level": verdict.get("level", "ok"), "text": verdict.get("text", "")}]
+    text = Text()
+    for i, finding in enumerate(findings):
+        if i:
+            text.append("\n")
+        text.append(f"{finding['level']:<4} ", style=LEVEL_STYLES.get(finding["level"], "white"))
+        text.append(clean_text(str(finding["text"]), bidi=True))
+        if finding.get("pairs_text"):
+            text.append(f" Pairs: {short(finding['pairs_text'], 200)}.", style="dim")
+    return text
+
+
+def worst_pairs_table(table: pd.DataFrame | PairList, n_worst: int, width: int = 80) -> Table | None:
+    """One list of pairs behind a finding (the first list when given a table): pair id and margins at full width;
+    the prompt takes what is left of ``width``, cut with an ellipsis."""
+    if isinstance(table, PairList):
+        section = table
+    else:
+        sections = pair_sections(table, n_worst)
+        if not sections:
+            return None
+        section = sections[0]
+    worst = section.rows.head(n_worst)
     numbers = [(c, label) for c, label in NUMBERS if c in worst.columns]
-    ids = [str(v) for v in worst["pair_id"]]
-    pairs = Table(
-        title=f"worst {len(worst)} pairs (margins in nats)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False
-    )
+    ids = [short(v) for v in worst["pair_id"]]
+    title = f"{section.title} ({len(worst)} of {section.n}, by {section.order})"
+    if numbers:
+        title += f"\n{UNITS}" if "reward_margin" in worst.columns else "\nref: reference margin in nats"
+    pairs = Table(title=escape(clean_text(title, bidi=True)), title_justify="left", box=box.SIMPLE_HEAD,
+                  pad_edge=False)  # fmt: skip
     id_width = max(4, min(max(map(len, ids)), 24))
     pairs.add_column("pair", no_wrap=True, min_width=id_width, max_width=id_width, overflow="ellipsis")
     cells = {c: [f"{v:.2f}" for v in worst[c]] for c, _ in numbers}
@@ -72,9 +113,22 @@ def worst_pairs_table(table: pd.DataFrame, n_worst: int, width: int = 80) -> Tab
 
 
 def _print_worst(console: Console, table: pd.DataFrame, n_worst: int) -> None:
-    pairs = worst_pairs_table(table, n_worst, console.width)
-    if pairs is not None:
-        console.print(pairs)
+    for section in pair_sections(table, n_worst):
+        console.print(worst_pairs_table(section, n_worst, console.width))
+
+
+def _print_groups(console: Console, summary: dict[str, Any]) -> None:
+    column, headers, rows = group_rows(summary)
+    if not rows:
+        return
+    shown = [i for i, key in enumerate(headers) if key in GROUP_COLUMNS]
+    table = Table(title=f"by {escape(short(column, 40))}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column(escape(short(column, 40)), overflow="fold")
+    for i in shown:
+        table.add_column(GROUP_HEADERS.get(headers[i], headers[i]), justify="right")
+    for row in rows:
+        table.add_row(escape(row[0]), *(row[1 + i] for i in shown))
+    console.print(table)
 
 
 def margin_histogram(values: pd.Series, name: str, width: int = 80, bins: int = 10) -> Text:
@@ -131,7 +185,7 @@ def gate_table(summary: dict[str, Any]) -> Table | None:
     table.add_column("severity", no_wrap=True)
     for row in rows:
         mark, style = MARKS[row.status]
-        table.add_row(Text(mark, style=style), escape(row.metric), row.condition, row.observed, row.severity)
+        table.add_row(Text(mark, style=style), escape(row.name), row.condition, row.observed, row.severity)
     return table
 
 
