@@ -21,7 +21,13 @@ MISLABEL_REWARD_MARGIN = -1.0
 MISLABEL_LOSS_QUANTILE = 0.95
 
 REFERENCE_FLAGS = ("ref_prefers_rejected",)
-POLICY_FLAGS = ("negative_margin_regime", "chosen_displaced", "both_displaced", "likely_mislabeled")
+POLICY_FLAGS = (
+    "negative_margin_regime",
+    "negative_margin_regime_per_token",
+    "chosen_displaced",
+    "both_displaced",
+    "likely_mislabeled",
+)
 TOKEN_FLAGS = ("truncated", "dropped", "boundary_mismatch")
 DATA_FLAGS = CHECKS + TOKEN_FLAGS  # no model needed (token flags need only a tokenizer); rates over all pairs
 # A data problem that makes a pair useless or contradictory for training, whatever the model.
@@ -76,6 +82,10 @@ def add_pair_metrics(table: pd.DataFrame, beta: float) -> pd.DataFrame:
         out["dpo_loss"] = softplus(-out["reward_margin"].to_numpy())
     reward_margin = out["reward_margin"]
     out["negative_margin_regime"] = (reward_margin > 0) & (out["policy_margin"] < 0)
+    # The paper's undesirable space U (Yang et al. 2026, arXiv 2605.20834) on mean per-token log-probs: the policy
+    # still prefers the rejected answer but by less than the reference did. On summed margins this is the rule above.
+    margin_per_token = out["policy_margin_per_token"]
+    out["negative_margin_regime_per_token"] = (margin_per_token < 0) & (margin_per_token > out["ref_margin_per_token"])
     out["chosen_displaced"] = out["chosen_logratio"] < 0
     out["both_displaced"] = out["chosen_displaced"] & (out["rejected_logratio"] < 0)
     loss_tail = out["dpo_loss"].quantile(MISLABEL_LOSS_QUANTILE) if out["dpo_loss"].notna().any() else np.inf
@@ -148,6 +158,8 @@ def summarize(table: pd.DataFrame, beta: float) -> dict[str, Any]:
     policy_correct = t["policy_margin"] > 0
     summary["reward_accuracy"] = float((t["reward_margin"] > 0).mean()) if len(t) else None
     summary["ranking_accuracy"] = float(policy_correct.mean()) if len(t) else None
+    # Yang et al. 2026 measure absolute preference on mean per-token log-probs; strict, as ranking_accuracy.
+    summary["ranking_accuracy_per_token"] = float((t["policy_margin_per_token"] > 0).mean()) if len(t) else None
     summary["mean_dpo_loss"] = _mean(t["dpo_loss"])
     summary["mean_reward_margin"] = _mean(t["reward_margin"])
     summary["mean_reward_chosen"] = _mean(t["reward_chosen"])
