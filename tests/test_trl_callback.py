@@ -83,8 +83,8 @@ def test_callback_logs_trl_and_compare_numbers(model_dirs, pairs_file, tmp_path)
                              api.RunOptions(beta=0.5, dtype="float32", device="cpu", cache=False))
         assert_matches_compare(result.summary, logged)
         assert (tmp_path / "pairs" / f"pairs-step-{step}.parquet").exists()
-        moved |= logged[PREFIX + "ranking_accuracy"] != result.summary["ref_ranking_accuracy"]
-    assert moved  # training changed the policy's ranking: the comparison above is not between identical models
+        moved |= abs(logged[PREFIX + "policy_margin"] - result.summary["mean_ref_margin"]) > 0.1
+    assert moved  # training moved the margins: the comparison above is not between identical models
 
 
 def test_callback_gate_stops_training(model_dirs, pairs_file, tmp_path, caplog):
@@ -108,3 +108,36 @@ def test_callback_gate_stops_training(model_dirs, pairs_file, tmp_path, caplog):
     assert trainer.state.global_step == 2
     assert callback.history[-1][PREFIX + "gate_passed"] == 0.0
     assert "ranking_accuracy >= 1.01 failed" in caplog.text
+
+
+def test_callback_with_a_lora_policy(model_dirs, pairs_file, tmp_path):
+    """One model in memory: the reference is the policy with its adapter disabled, as in TRL."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOTrainer
+
+    from prefdiag.integrations.trl import PrefdiagCallback
+
+    ref_dir = model_dirs["llama"]
+    dataset = text_dataset(pairs_file)
+    trainer = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(ref_dir, dtype="float32"), args=dpo_config(tmp_path, learning_rate=5e-2),
+        train_dataset=dataset, eval_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(ref_dir),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    )  # fmt: skip
+    assert trainer.ref_model is None
+    callback = PrefdiagCallback(trainer)
+    trainer.add_callback(callback)
+    trainer.train()
+    steps = logged_steps(trainer.state.log_history)
+    moved = False
+    for step in (2, 4):
+        logged = steps[step]
+        assert logged[PREFIX + "reward_accuracy"] == pytest.approx(logged["eval_rewards/accuracies"], abs=1e-9)
+        checkpoint = tmp_path / "run" / f"checkpoint-{step}"
+        assert (checkpoint / "adapter_config.json").exists()
+        result = api.compare(str(pairs_file), str(ref_dir), str(checkpoint),
+                             api.RunOptions(beta=0.5, dtype="float32", device="cpu", cache=False))
+        assert_matches_compare(result.summary, logged)
+        moved |= abs(logged[PREFIX + "policy_margin"] - result.summary["mean_ref_margin"]) > 0.1
+    assert moved
