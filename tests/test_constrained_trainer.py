@@ -15,8 +15,8 @@ def make(trainer_class, model_dirs, pairs_file, tmp_path, max_steps=4, **kwargs)
     return trainer_class(
         model=AutoModelForCausalLM.from_pretrained(ref_dir, dtype="float32"),
         ref_model=AutoModelForCausalLM.from_pretrained(model_dirs["llama-policy"], dtype="float32"),
-        args=dpo_config(tmp_path, eval_strategy="no", save_strategy="no", logging_steps=1, max_steps=max_steps), train_dataset=dataset,
-        eval_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(ref_dir), **kwargs,
+        args=dpo_config(tmp_path, eval_strategy="no", save_strategy="no", logging_steps=1, max_steps=max_steps),
+        train_dataset=dataset, eval_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(ref_dir), **kwargs,
     )  # fmt: skip
 
 

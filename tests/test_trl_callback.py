@@ -121,7 +121,8 @@ def test_callback_with_a_lora_policy(model_dirs, pairs_file, tmp_path):
     ref_dir = model_dirs["llama"]
     dataset = text_dataset(pairs_file)
     trainer = DPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(ref_dir, dtype="float32"), args=dpo_config(tmp_path, learning_rate=5e-2),
+        model=AutoModelForCausalLM.from_pretrained(ref_dir, dtype="float32"),
+        args=dpo_config(tmp_path, learning_rate=5e-2),
         train_dataset=dataset, eval_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(ref_dir),
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
     )  # fmt: skip

@@ -55,7 +55,8 @@ class PrefdiagCallback(TrainerCallback):
     into the trainer's log history (so W&B, TensorBoard, MLflow and the console show them). ``output_dir``: write
     each evaluation's per-pair table as ``pairs-step-<N>.parquet``. ``gate_min``/``gate_max``: rules as given to
     ``prefdiag gate --min/--max`` (``METRIC=VALUE[:warn]``); when an error rule fails, training stops and the log
-    says why. With several processes each rank scores its share; every rank gets the same numbers.
+    says why. ``prefix`` names the logged keys (one callback per eval set: give each its own prefix). With several
+    processes each rank scores its share; every rank gets the same numbers.
     """
 
     def __init__(
@@ -71,6 +72,7 @@ class PrefdiagCallback(TrainerCallback):
         gate_min: tuple[str, ...] | list[str] = (),
         gate_max: tuple[str, ...] | list[str] = (),
         batch_tokens: int = LIVE_BATCH_TOKENS,
+        prefix: str = PREFIX,
     ) -> None:
         from prefdiag import gate
 
@@ -79,8 +81,9 @@ class PrefdiagCallback(TrainerCallback):
         self.at_start, self.score_on_evaluate = at_start, on_evaluate
         self.beta = float(trainer.beta if beta is None else beta)
         self.output_dir = Path(output_dir) if output_dir is not None else None
-        self.rules = [gate.parse_cli_rule(r, "min") for r in gate_min] + [gate.parse_cli_rule(r, "max") for r in gate_max]
-        self.batch_tokens = batch_tokens
+        self.rules = [gate.parse_cli_rule(r, "min") for r in gate_min]
+        self.rules += [gate.parse_cli_rule(r, "max") for r in gate_max]
+        self.batch_tokens, self.prefix = batch_tokens, prefix
         self.history: list[dict[str, Any]] = []  # the logged metrics of each scoring, with "step"
         dataset = trainer.eval_dataset if eval_dataset is None else eval_dataset
         if dataset is None:
@@ -92,8 +95,8 @@ class PrefdiagCallback(TrainerCallback):
             columns = getattr(dataset, "column_names", [])
             if not (trainer.precompute_ref_logps and "ref_chosen_logps" in columns):
                 raise ValueError(
-                    "no reference to score against: the trainer has no ref_model and no precomputed reference log-probs "
-                    "for this eval set (pass the trainer's own eval_dataset, or give it a ref_model)"
+                    "no reference to score against: the trainer has no ref_model and no precomputed reference "
+                    "log-probs for this eval set (pass the trainer's own eval_dataset, or give it a ref_model)"
                 )
         if trainer.precompute_ref_logps and "ref_chosen_logps" in getattr(dataset, "column_names", []):
             self.ref_logps = (np.asarray(dataset["ref_chosen_logps"]), np.asarray(dataset["ref_rejected_logps"]))
@@ -122,7 +125,7 @@ class PrefdiagCallback(TrainerCallback):
             policy_lm, self.tokenized, self.beta, reference=reference, reference_context=context,
             ref_logps=self.ref_logps, pair_ids=self.pair_ids, batch_tokens=self.batch_tokens,
         )  # fmt: skip
-        logs = {PREFIX + name: float(summary[key]) for key, name in LOGGED.items() if summary.get(key) is not None}
+        logs = {self.prefix + name: float(summary[key]) for key, name in LOGGED.items() if summary.get(key) is not None}
         if self.rules:
             logs.update(self._gate(summary, step))
         if self.output_dir is not None and distributed.is_main():
@@ -145,7 +148,7 @@ class PrefdiagCallback(TrainerCallback):
         if not record["passed"]:
             log.warning("prefdiag gate failed at step %d: stopping training", step)
             self.trainer.control.should_training_stop = True
-        return {PREFIX + "gate_passed": float(record["passed"])}
+        return {self.prefix + "gate_passed": float(record["passed"])}
 
     # -- TrainerCallback events --------------------------------------------------------------------------------
 
