@@ -125,6 +125,9 @@ class PrefdiagCallback(TrainerCallback):
             policy_lm, self.tokenized, self.beta, reference=reference, reference_context=context,
             ref_logps=self.ref_logps, pair_ids=self.pair_ids, batch_tokens=self.batch_tokens,
         )  # fmt: skip
+        if self.ref_logps is None and not getattr(self.trainer.args, "sync_ref_model", False):
+            # The reference is frozen: score it once per callback (every rank holds the gathered values).
+            self.ref_logps = (table["ref_chosen_logp"].to_numpy(), table["ref_rejected_logp"].to_numpy())
         logs = {self.prefix + name: float(summary[key]) for key, name in LOGGED.items() if summary.get(key) is not None}
         if self.rules:
             logs.update(self._gate(summary, step))
