@@ -142,3 +142,48 @@ def test_callback_with_a_lora_policy(model_dirs, pairs_file, tmp_path):
         assert_matches_compare(result.summary, logged)
         moved |= abs(logged[PREFIX + "policy_margin"] - result.summary["mean_ref_margin"]) > 0.1
     assert moved
+
+
+def test_callback_with_precomputed_reference_log_probs(model_dirs, pairs_file, tmp_path):
+    """No reference model in memory: the reference log-probs TRL precomputed for the eval set are used."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOTrainer
+
+    from prefdiag.integrations.trl import PrefdiagCallback
+
+    ref_dir = model_dirs["llama"]
+    dataset = text_dataset(pairs_file)
+    trainer = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(ref_dir, dtype="float32"),
+        args=dpo_config(tmp_path, max_steps=2, precompute_ref_log_probs=True), train_dataset=dataset,
+        eval_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(ref_dir),
+    )  # fmt: skip
+    assert trainer.ref_model is None
+    callback = PrefdiagCallback(trainer)
+    assert callback.ref_logps is not None
+    trainer.add_callback(callback)
+    trainer.train()
+    logged = logged_steps(trainer.state.log_history)[2]
+    assert logged[PREFIX + "reward_accuracy"] == pytest.approx(logged["eval_rewards/accuracies"], abs=1e-9)
+    result = api.compare(str(pairs_file), str(ref_dir), str(tmp_path / "run" / "checkpoint-2"),
+                         api.RunOptions(beta=0.5, dtype="float32", device="cpu", cache=False))
+    assert_matches_compare(result.summary, logged)
+
+
+def test_callback_refuses_a_trainer_without_a_reference(model_dirs, pairs_file, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOTrainer
+
+    from prefdiag.integrations.trl import PrefdiagCallback
+
+    ref_dir = model_dirs["llama"]
+    dataset = text_dataset(pairs_file)
+    trainer = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(ref_dir, dtype="float32"),
+        args=dpo_config(tmp_path, precompute_ref_log_probs=True, eval_strategy="no", save_strategy="no"),
+        train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(ref_dir),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="no reference to score against"):
+        PrefdiagCallback(trainer, dataset)  # a dataset TRL did not precompute reference log-probs for
+    with pytest.raises(ValueError, match="needs an eval set"):
+        PrefdiagCallback(trainer)
