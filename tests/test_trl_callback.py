@@ -106,6 +106,7 @@ def test_callback_gate_stops_training(model_dirs, pairs_file, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="prefdiag"):
         trainer.train()
     assert trainer.state.global_step == 2
+    assert "loss" in logged_steps(trainer.state.log_history)[2]  # TRL's own training log of that step still happened
     assert callback.history[-1][PREFIX + "gate_passed"] == 0.0
     assert "ranking_accuracy >= 1.01 failed" in caplog.text
 

@@ -5,7 +5,7 @@ trains a copy of it with TRL (DPOTrainer, or prefdiag's ConstrainedDPOTrainer) w
 training pairs and a held-out split at the start and every EVAL_EVERY steps. Writes results.json, table.md and
 curves.png next to this file (or to --out).
 
-    python experiments/constrained_dpo/run.py [--epochs 2] [--out DIR] [--only NAME ...] [--threads 2]
+    python experiments/constrained_dpo/run.py [--epochs 4] [--lr 5e-4] [--eval-every 15] [--out DIR] [--only NAME ...]
     python experiments/constrained_dpo/run.py --merge A/results.json B/results.json   # table and plot only
 """
 
@@ -27,8 +27,8 @@ HERE = Path(__file__).resolve().parent
 SEED = 0
 HELD_OUT = 64  # pairs kept out of training, drawn with SEED
 BATCH = 8
-LR = 1e-4  # as the sample's policy (AdamW, constant)
-EVAL_EVERY = 10
+LR = 5e-4  # AdamW, constant (the sample's policy used 1e-4: see README for that shorter run)
+EVAL_EVERY = 15
 DIAGNOSIS_BETA = 0.1  # the beta of the logged DPO loss and rewards, the same for every run
 
 # name -> (trainer kwargs, training beta). Summed margins with TRL's beta 0.1; per-token margins with the paper's
@@ -69,7 +69,7 @@ def split_pairs():
     return train, heldout
 
 
-def run_one(name: str, kwargs: dict | None, beta: float, train, heldout, epochs: int, workdir: Path) -> dict:
+def run_one(name: str, kwargs: dict | None, beta: float, train, heldout, options) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
@@ -77,10 +77,11 @@ def run_one(name: str, kwargs: dict | None, beta: float, train, heldout, epochs:
 
     torch.manual_seed(SEED)
     args = DPOConfig(
-        output_dir=str(workdir), report_to=[], per_device_train_batch_size=BATCH, num_train_epochs=epochs,
-        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, beta=beta, max_length=None,
+        output_dir=str(options.out / "work"), report_to=[], per_device_train_batch_size=BATCH,
+        num_train_epochs=options.epochs, learning_rate=options.lr, lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=0.0, beta=beta, max_length=None,
         use_cpu=True, bf16=False, seed=SEED, data_seed=SEED, dataloader_num_workers=0, disable_tqdm=True,
-        eval_strategy="no", save_strategy="no", logging_steps=EVAL_EVERY,
+        eval_strategy="no", save_strategy="no", logging_steps=options.eval_every,
     )  # fmt: skip
     common = dict(
         model=AutoModelForCausalLM.from_pretrained(REFERENCE, dtype="float32"),
@@ -88,9 +89,10 @@ def run_one(name: str, kwargs: dict | None, beta: float, train, heldout, epochs:
         args=args, train_dataset=train, processing_class=AutoTokenizer.from_pretrained(REFERENCE),
     )  # fmt: skip
     trainer = DPOTrainer(**common) if kwargs is None else ConstrainedDPOTrainer(**common, **kwargs)
-    on_train = PrefdiagCallback(trainer, train, every_n_steps=EVAL_EVERY, at_start=True, on_evaluate=False,
+    every = options.eval_every
+    on_train = PrefdiagCallback(trainer, train, every_n_steps=every, at_start=True, on_evaluate=False,
                                 beta=DIAGNOSIS_BETA)
-    on_heldout = PrefdiagCallback(trainer, heldout, every_n_steps=EVAL_EVERY, at_start=True, on_evaluate=False,
+    on_heldout = PrefdiagCallback(trainer, heldout, every_n_steps=every, at_start=True, on_evaluate=False,
                                   beta=DIAGNOSIS_BETA, prefix="heldout/")
     trainer.add_callback(on_train)
     trainer.add_callback(on_heldout)
@@ -106,7 +108,8 @@ def run_one(name: str, kwargs: dict | None, beta: float, train, heldout, epochs:
         if "u_rate" in entry:
             row["train_u_rate"] = entry["u_rate"]
     print(f"{name}: {trainer.state.global_step} steps in {seconds:.0f} s", flush=True)
-    return {"name": name, "kwargs": kwargs, "beta": beta, "seconds": round(seconds, 1),
+    return {"name": name, "kwargs": kwargs, "beta": beta, "seconds": round(seconds, 1), "epochs": options.epochs,
+            "lr": options.lr, "steps": trainer.state.global_step,
             "curve": [steps[s] for s in sorted(steps)]}
 
 
@@ -164,7 +167,9 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=LR)
+    parser.add_argument("--eval-every", type=int, default=EVAL_EVERY)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--merge", nargs="*", type=Path, help="results.json files to combine (no training)")
     parser.add_argument("--out", type=Path, default=HERE)
@@ -181,7 +186,7 @@ def main() -> None:
         for name, (kwargs, beta) in APPROACHES.items():
             if options.only and name not in options.only:
                 continue
-            results.append(run_one(name, kwargs, beta, train, heldout, options.epochs, options.out / "work"))
+            results.append(run_one(name, kwargs, beta, train, heldout, options))
     (options.out / "results.json").write_text(json.dumps(results, indent=1))
     (options.out / "table.md").write_text(table(results))
     plot(results, options.out / "curves.png")

@@ -133,7 +133,10 @@ class PrefdiagCallback(TrainerCallback):
             logs.update(self._gate(summary, step))
         if self.output_dir is not None and distributed.is_main():
             _write_parquet(table, self.output_dir / f"pairs-step-{step}.parquet")
+        control = self.trainer.control
+        pending = control.should_log  # on_log clears it: TRL's own log of this step must still happen
         Trainer.log(self.trainer, dict(logs))  # Trainer's own log: DPOTrainer.log would flush TRL's pending metrics
+        control.should_log = pending
         self.history.append({"step": step, **logs})
         return logs
 
