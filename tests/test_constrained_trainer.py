@@ -53,3 +53,52 @@ def test_unsupported_trl_options_are_refused(model_dirs, pairs_file, tmp_path):
 
     with pytest.raises(ValueError, match="constraint must be one of"):
         make(ConstrainedDPOTrainer, model_dirs, pairs_file, tmp_path, constraint="nope")
+
+
+def test_constraint_with_a_lora_policy_and_no_reference_model(model_dirs, pairs_file, tmp_path):
+    """The reference is the policy with its adapter disabled (TRL's PEFT path), inside the constrained loss too."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prefdiag.integrations.trl import ConstrainedDPOTrainer
+
+    ref_dir = model_dirs["llama"]
+    dataset = text_dataset(pairs_file)
+    trainer = ConstrainedDPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(ref_dir, dtype="float32"),
+        args=dpo_config(tmp_path, eval_strategy="no", save_strategy="no", logging_steps=1, max_steps=2,
+                        learning_rate=5e-2),
+        train_dataset=dataset, eval_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(ref_dir),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+        constraint="clip", margin="mean",
+    )  # fmt: skip
+    assert trainer.ref_model is None
+    first = trainer.evaluate()
+    assert first["eval_rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # a fresh adapter is the reference
+    trainer.train()
+    assert trainer.evaluate()["eval_rewards/margins"] != pytest.approx(0.0, abs=1e-4)
+
+
+def test_precomputed_reference_log_probs_are_used(model_dirs, pairs_file, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOTrainer
+
+    from prefdiag.integrations.trl import ConstrainedDPOTrainer
+
+    ref_dir = model_dirs["llama"]
+    dataset = text_dataset(pairs_file)
+
+    def build(trainer_class, out, **kwargs):
+        return trainer_class(
+            model=AutoModelForCausalLM.from_pretrained(model_dirs["llama-policy"], dtype="float32"),
+            ref_model=AutoModelForCausalLM.from_pretrained(ref_dir, dtype="float32"),
+            args=dpo_config(out, eval_strategy="no", save_strategy="no", precompute_ref_log_probs=True),
+            train_dataset=dataset, eval_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(ref_dir),
+            **kwargs,
+        )  # fmt: skip
+
+    ours = build(ConstrainedDPOTrainer, tmp_path / "a", constraint="none", margin="sum")
+    assert "ref_chosen_logps" in ours.eval_dataset.column_names
+    mine, theirs = ours.evaluate(), build(DPOTrainer, tmp_path / "b").evaluate()
+    for key in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"):
+        assert mine[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-6), key
