@@ -33,3 +33,16 @@ def test_per_token_regime_and_accuracy_by_hand():
     assert summary["ranking_accuracy_per_token"] == pytest.approx(0.25)
     assert summary["negative_margin_regime_per_token_rate"] == pytest.approx(0.25)
     assert summary["ranking_accuracy"] == pytest.approx(0.75)  # summed margins: a 1, b -2, c 3, d 1
+
+
+def test_compare_reports_the_per_token_variants(model_dirs, pairs_file):
+    from prefdiag import api
+
+    result = api.compare(str(pairs_file), str(model_dirs["llama"]), str(model_dirs["llama-policy"]),
+                         api.RunOptions(dtype="float32", device="cpu", cache=False))
+    pairs, summary = result.pairs, result.summary
+    per_token = pairs["policy_margin_per_token"]
+    expected = (per_token < 0) & (per_token > pairs["ref_margin_per_token"])
+    assert pairs["negative_margin_regime_per_token"].tolist() == expected.tolist()
+    assert summary["negative_margin_regime_per_token_rate"] == pytest.approx(expected.mean())
+    assert summary["ranking_accuracy_per_token"] == pytest.approx((per_token > 0).mean())
