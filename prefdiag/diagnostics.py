@@ -96,6 +96,12 @@ def add_pair_metrics(table: pd.DataFrame, beta: float) -> pd.DataFrame:
     finite = ~non_finite
     reward_margin = out["reward_margin"]
     out["negative_margin_regime"] = (reward_margin > 0) & (out["policy_margin"] < 0) & finite
+    # The paper's undesirable space U (Yang et al. 2026, arXiv 2605.20834) on mean per-token log-probs: the policy
+    # still prefers the rejected answer but by less than the reference did. On summed margins this is the rule above.
+    margin_per_token = out["policy_margin_per_token"]
+    out["negative_margin_regime_per_token"] = (
+        (margin_per_token < 0) & (margin_per_token > out["ref_margin_per_token"]) & finite
+    )
     out["chosen_displaced"] = (out["chosen_logratio"] < 0) & finite
     out["both_displaced"] = out["chosen_displaced"] & (out["rejected_logratio"] < 0)
     losses = out["dpo_loss"][finite & out["dpo_loss"].notna()]
@@ -187,6 +193,8 @@ def summarize(table: pd.DataFrame, beta: float) -> dict[str, Any]:
     policy_correct = t["policy_margin"] > 0
     summary["reward_accuracy"] = float((t["reward_margin"] > 0).mean()) if len(t) else None
     summary["ranking_accuracy"] = float(policy_correct.mean()) if len(t) else None
+    # Yang et al. 2026 measure absolute preference on mean per-token log-probs; strict, as ranking_accuracy.
+    summary["ranking_accuracy_per_token"] = float((t["policy_margin_per_token"] > 0).mean()) if len(t) else None
     unchanged = (t["chosen_logratio"].abs() <= UNCHANGED_NATS) & (t["rejected_logratio"].abs() <= UNCHANGED_NATS)
     summary["policy_unchanged_rate"] = float(unchanged.mean()) if len(t) else None
     summary["mean_dpo_loss"] = _mean(t["dpo_loss"])
