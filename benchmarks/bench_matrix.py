@@ -96,8 +96,13 @@ def one_pair(args: argparse.Namespace) -> dict[str, Any]:
     work.mkdir(parents=True)
     base = [sys.executable, "-m", "prefdiag", "compare", paths["data"], "-r", paths["reference"], "-p",
             paths["policy"], "--device", "cpu", "--dtype", "float32"]  # fmt: skip
+    floor = ("import sys, torch, transformers; from transformers import AutoModelForCausalLM, AutoTokenizer; "
+             "AutoTokenizer.from_pretrained(sys.argv[1]); "
+             "[AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32) for p in sys.argv[1:]]")
     commands = {
         "import_torch_transformers": [sys.executable, "-c", "import torch, transformers"],
+        # what any transformers-based scorer pays before its first forward: the lazy imports, one tokenizer, two models
+        "transformers_load_floor": [sys.executable, "-c", floor, paths["reference"], paths["policy"]],
         "prefdiag_terminal": base,
         "prefdiag_outputs": base + ["-q", "-o", str(work / "out")],
     }
@@ -120,7 +125,7 @@ def one_pair(args: argparse.Namespace) -> dict[str, Any]:
         "samples": samples,
         "median_seconds": medians,
         "median_cpu_seconds": cpu,
-        "over_import_seconds": {k: medians[k] - baseline for k in ("prefdiag_terminal", "prefdiag_outputs")},
+        "over_import_seconds": {k: medians[k] - baseline for k in commands if k != "import_torch_transformers"},
         "failed": [name for name, runs in samples.items() if any(s["rc"] != 0 for s in runs)],
     }
 
@@ -153,6 +158,7 @@ def cell_summary(record: dict[str, Any]) -> dict[str, Any]:
         "cold_over_trl": ratios.get("prefdiag_over_trl"),
         "cold_over_trl_cpu_time": ratios.get("prefdiag_over_trl_cpu_time"),
         "load_average": [r.get("load_average") for r in (cold, warm, trl)],
+        "agreement_max_abs_nats": (record.get("agreement_max_abs_nats") or {}).get("max"),
         "phases_cold": phase_seconds(cold.get("stats")),
         "phases_warm": phase_seconds(warm.get("stats")),
     }
@@ -199,13 +205,14 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['harness_seconds'] / 60:.1f} minutes in all.",
         "",
         "| shape | pairs | prompt tok | response tok | prefdiag cold s | prefdiag warm s | TRL s | cold / TRL (<= 0.5) "
-        "| warm / TRL (<= 0.3) | cold / TRL, CPU time | score pairs/s / TRL's (>= 1.5) | per token / TRL's (>= 1) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| warm / TRL (<= 0.3) | cold / TRL, CPU time | score pairs/s / TRL's (>= 1.5) | per token / TRL's (>= 1) "
+        "| max \\|prefdiag - TRL\\| |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for c in cells:
         s = c.get("summary") or {}
         if not s:
-            lines.append(f"| `{c['shape']}` | {c['pairs']} | {c.get('error', 'not run')} |" + " |" * 9)
+            lines.append(f"| `{c['shape']}` | {c['pairs']} | {c.get('error', 'not run')} |" + " |" * 10)
             continue
         lines.append(
             f"| `{c['shape']}` | {c['pairs']:,} | {fmt(s['mean_prompt_tokens'], '.0f')} "
@@ -214,12 +221,14 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {against(s.get('warm_over_trl'), TARGETS['warm_over_trl'])} "
             f"| {fmt(s.get('cold_over_trl_cpu_time'))} "
             f"| {against(s.get('score_pairs_per_s_over_trl'), TARGETS['score_pairs_per_s_over_trl'], at_least=True)} "
-            f"| {against(s.get('score_tokens_per_s_over_trl'), TARGETS['score_tokens_per_s_over_trl'], at_least=True)} |"
+            f"| {against(s.get('score_tokens_per_s_over_trl'), TARGETS['score_tokens_per_s_over_trl'], at_least=True)} "
+            f"| {fmt(s.get('agreement_max_abs_nats'), '.1e')} |"
             + ("" if s["ok"] else " (a run failed: see the JSON)")
         )
     lines += ["", "Tokens are means per pair, BOS, EOS and chat markup included. *score pairs/s / TRL's*: the same "
               "pairs over prefdiag's `LogProbScorer.score` time and over TRL's `evaluate()`. *per token*: tokens "
-              "each computes (prefdiag: each prompt once; TRL: each prompt twice; padding not counted) per second.",
+              "each computes (prefdiag: each prompt once; TRL: each prompt twice; padding not counted) per second. "
+              "The last column is the largest difference over the four per-pair log-prob columns, in nats.",
               "", "prefdiag's phases, seconds (cold cache run; warm run in brackets):", ""]
     phases: list[str] = []
     for c in cells:
@@ -244,9 +253,14 @@ def markdown(result: dict[str, Any]) -> str:
                   "| process | seconds | CPU s | above the import |", "| --- | --- | --- | --- |",
                   f"| `python -c \"import torch, transformers\"` | {fmt(m['import_torch_transformers'])} "
                   f"| {fmt(cpu['import_torch_transformers'])} | |"]  # fmt: skip
-        for key, label in (("prefdiag_terminal", "`prefdiag compare` one pair, terminal report"),
+        for key, label in (("transformers_load_floor", "floor: `AutoTokenizer` + 2 x `AutoModelForCausalLM` "
+                            "`.from_pretrained`, nothing else"),
+                           ("prefdiag_terminal", "`prefdiag compare` one pair, terminal report"),
                            ("prefdiag_outputs", "`prefdiag compare` one pair, `-q -o DIR`")):  # fmt: skip
+            if key not in over:
+                continue
             verdict = against(over[key], TARGETS["one_pair_over_import_s"]).replace(f"{over[key]:.2f} ", "")
+            verdict = "(reference)" if key == "transformers_load_floor" else verdict
             lines.append(f"| {label} | {fmt(m[key])} | {fmt(cpu[key])} | {over[key]:+.2f} s {verdict} |")
     if result.get("left_out"):
         lines += ["", "Left out (the deadline): " + ", ".join(result["left_out"])]

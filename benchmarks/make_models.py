@@ -123,9 +123,9 @@ SHAPES: dict[str, Shape] = {
     "short": Shape(name="short", pairs=160, prompt_words=(130, 190), response_words=(5, 13), bos=True, **_CPU_MODEL),
     # long answers after short prompts (~40 prompt tokens, ~400 per response)
     "long": Shape(name="long", pairs=160, prompt_words=(20, 60), response_words=(300, 500), bos=True, **_CPU_MODEL),
-    # conversations: a system message and three turns as the prompt (60-160 words plus ~105 tokens of ChatML
-    # markup), one assistant message per response (20-80 words + ~6); rendered by the ChatML template in both tools
-    "chat": Shape(name="chat", pairs=160, prompt_words=(60, 160), response_words=(20, 80), bos=False, chat=True,
+    # conversations: a system message and three turns as the prompt (40-120 words plus ~105 tokens of ChatML
+    # markup), one assistant message per response (15-60 words + ~6); rendered by the ChatML template in both tools
+    "chat": Shape(name="chat", pairs=160, prompt_words=(40, 120), response_words=(15, 60), bos=False, chat=True,
                   **_CPU_MODEL),
     # Model-light, for the scaling runs (thousands of pairs: Python-side costs dominate).
     "tiny": Shape(
