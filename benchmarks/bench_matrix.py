@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default="half", choices=sorted(make_models.MODELS),
                         help="the model every cell runs on (half: 4-layer Llama, hidden 128; cpu: hidden 256)")
     parser.add_argument("--repeat", type=int, default=1, help="side-by-side repetitions per cell (median reported)")
-    parser.add_argument("--one-pair-repeat", type=int, default=5, help="alternated runs of the one-pair comparison")
+    parser.add_argument("--one-pair-repeat", type=int, default=3, help="alternated runs of the one-pair comparison")
     parser.add_argument("--skip-one-pair", action="store_true")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 8 pairs per cell, 1-layer models, one one-pair run, no 2,000-pair cells")
