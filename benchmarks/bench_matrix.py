@@ -33,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_compare  # noqa: E402
+import fixed_costs  # noqa: E402
 import make_models  # noqa: E402
 
 MATRIX_SHAPES = ("short", "cpu", "long", "chat")
@@ -96,13 +97,10 @@ def one_pair(args: argparse.Namespace) -> dict[str, Any]:
     work.mkdir(parents=True)
     base = [sys.executable, "-m", "prefdiag", "compare", paths["data"], "-r", paths["reference"], "-p",
             paths["policy"], "--device", "cpu", "--dtype", "float32"]  # fmt: skip
-    floor = ("import sys, torch, transformers; from transformers import AutoModelForCausalLM, AutoTokenizer; "
-             "AutoTokenizer.from_pretrained(sys.argv[1]); "
-             "[AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32) for p in sys.argv[1:]]")
     commands = {
         "import_torch_transformers": [sys.executable, "-c", "import torch, transformers"],
         # what any transformers-based scorer pays before its first forward: the lazy imports, one tokenizer, two models
-        "transformers_load_floor": [sys.executable, "-c", floor, paths["reference"], paths["policy"]],
+        "transformers_load_floor": [sys.executable, "-c", fixed_costs.FLOOR, paths["reference"], paths["policy"]],
         "prefdiag_terminal": base,
         "prefdiag_outputs": base + ["-q", "-o", str(work / "out")],
     }

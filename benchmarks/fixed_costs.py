@@ -65,6 +65,12 @@ UNNEEDED = {
 }
 
 
+# Loading one tokenizer and two models through transformers, nothing else: what any transformers-based scorer imports.
+FLOOR = ("import sys, torch, transformers; from transformers import AutoModelForCausalLM, AutoTokenizer; "
+         "AutoTokenizer.from_pretrained(sys.argv[1]); "
+         "[AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32) for p in sys.argv[1:]]")
+
+
 # -- wrapper modes (run inside the child) ---------------------------------------------------------------------------
 
 
@@ -325,7 +331,13 @@ def main(argv: list[str] | None = None) -> int:
         samples.append({"process_seconds": seconds, **import_shares(rows), "rows": rows})
     best = min(samples, key=lambda s: s["total_self_seconds"])  # the least disturbed run
     base = child([sys.executable, "-X", "importtime", "-c", "import torch, transformers"], env, work)
-    result["beyond_baseline"] = beyond_baseline(parse_importtime(base.stderr), best.pop("rows"))
+    floor = child([sys.executable, "-X", "importtime", "-c", FLOOR, args.reference, args.policy], env, work)
+    run_rows, base_rows, floor_rows = best.pop("rows"), parse_importtime(base.stderr), parse_importtime(floor.stderr)
+    result["beyond_baseline"] = beyond_baseline(base_rows, run_rows)
+    # what transformers itself imports to load one tokenizer and two models, beyond `import torch, transformers`
+    result["floor_beyond_baseline"] = beyond_baseline(base_rows, floor_rows)
+    # what prefdiag imports beyond what loading one tokenizer and two models through transformers imports anyway
+    result["beyond_floor"] = beyond_baseline(floor_rows, run_rows)
     for sample in samples:
         sample.pop("rows", None)
     result["imports"] = {"runs": len(samples), "process_seconds": [s["process_seconds"] for s in samples],
@@ -368,12 +380,15 @@ def print_summary(result: dict[str, Any]) -> None:
     total = imports["total_self_seconds"]
     print(f"imports: {total:.2f} s of import time in the least disturbed of {result['imports']['runs']} runs "
           f"(processes took {', '.join(f'{s:.1f}' for s in result['imports']['process_seconds'])} s)")
-    extra = result.get("beyond_baseline")
-    if extra:
-        print(f"\nbeyond `import torch, transformers` ({extra['baseline_seconds']:.2f} s): {extra['extra_modules']} "
-              f"more modules, {extra['extra_seconds']:.2f} s of import time; by package:")
-        for name, seconds in list(extra["by_group_seconds"].items())[:25]:
-            print(f"  {name:<34}{seconds:7.3f} s  {seconds / extra['extra_seconds']:6.1%}")
+    for key, what in (("beyond_baseline", "`import torch, transformers`"),
+                      ("floor_beyond_baseline", "`import torch, transformers`, for the floor alone"),
+                      ("beyond_floor", "the floor (one AutoTokenizer, two AutoModelForCausalLM loads)")):
+        extra = result.get(key)
+        if extra:
+            print(f"\nbeyond {what} ({extra['baseline_seconds']:.2f} s of imports): {extra['extra_modules']} more "
+                  f"modules, {extra['extra_seconds']:.2f} s of import time; by package:")
+            for name, seconds in list(extra["by_group_seconds"].items())[:20]:
+                print(f"  {name:<34}{seconds:7.3f} s  {seconds / max(extra['extra_seconds'], 1e-9):6.1%}")
     print("\nby top-level package (self time summed; share of all import time):")
     for name, seconds in list(imports["by_package_self_seconds"].items())[:15]:
         print(f"  {name:<22}{seconds:7.3f} s  {seconds / total:6.1%}")
