@@ -111,8 +111,8 @@ def one_pair(args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(work / "out", ignore_errors=True)
             env = bench_compare.child_env({"PREFDIAG_CACHE_DIR": str(cache)})
             # cwd outside the repository, so that `-m prefdiag` imports the tree under test (PYTHONPATH)
-            done = bench_compare.run_process(f"one_pair-{name}-{rep + 1}", cmd, work / "logs",
-                                             bench_compare.child_timeout(compare_args(args, 1)), env, cwd=work)  # fmt: skip
+            timeout = bench_compare.child_timeout(compare_args(args, 1))
+            done = bench_compare.run_process(f"one_pair-{name}-{rep + 1}", cmd, work / "logs", timeout, env, cwd=work)
             samples[name].append({k: done[k] for k in ("seconds", "cpu_seconds", "rc", "load_average")})
             shutil.rmtree(cache, ignore_errors=True)
     medians = {name: statistics.median(s["seconds"] for s in runs) for name, runs in samples.items()}
@@ -193,7 +193,7 @@ def markdown(result: dict[str, Any]) -> str:
     """The tables for benchmarks/README.md."""
     hw, cells = result["hardware"], result["cells"]
     trl_version = next((c["record"]["runs"]["trl"].get("result", {}).get("trl_version") for c in cells
-                        if (c.get("record", {}).get("runs", {}).get("trl") or {}).get("result")), "?")  # fmt: skip
+                        if (c.get("record", {}).get("runs", {}).get("trl") or {}).get("result")), "-")  # fmt: skip
     lines = [
         f"Machine: {hw.get('lscpu_model_name') or hw.get('cpu_model')} ({hw.get('cpu_count')} CPUs), "
         f"torch {hw.get('torch')} ({hw.get('torch_threads')} threads), transformers {hw.get('transformers')}, "
@@ -201,6 +201,18 @@ def markdown(result: dict[str, Any]) -> str:
         f"Model: {result['model_description']}, fp32, on every cell. Load average "
         f"{fmt(result['load_average_start'][0])} at the start, {fmt(result['load_average_end'][0])} at the end; "
         f"{result['harness_seconds'] / 60:.1f} minutes in all.",
+    ]
+    if cells:
+        lines += _matrix_tables(cells)
+    lines += _one_pair_table(result.get("one_pair"))
+    if result.get("left_out"):
+        lines += ["", "Left out (the deadline): " + ", ".join(result["left_out"])]
+    return "\n".join(lines) + "\n"
+
+
+def _matrix_tables(cells: list[dict[str, Any]]) -> list[str]:
+    """The matrix table and the phase breakdown."""
+    lines = [
         "",
         "| shape | pairs | prompt tok | response tok | prefdiag cold s | prefdiag warm s | TRL s | cold / TRL (<= 0.5) "
         "| warm / TRL (<= 0.3) | cold / TRL, CPU time | score pairs/s / TRL's (>= 1.5) | per token / TRL's (>= 1) "
@@ -242,7 +254,12 @@ def markdown(result: dict[str, Any]) -> str:
                 cold, warm = s.get("phases_cold", {}), s.get("phases_warm", {})
                 row = [f"{fmt(cold.get(k))} ({fmt(warm.get(k))})" for k in phases]
                 lines.append(f"| `{c['shape']}` | {c['pairs']:,} | " + " | ".join(row) + " |")
-    one = result.get("one_pair")
+    return lines
+
+
+def _one_pair_table(one: dict[str, Any] | None) -> list[str]:
+    """The one-pair run's table (none when it did not run)."""
+    lines: list[str] = []
     if one:
         m, cpu, over = one["median_seconds"], one["median_cpu_seconds"], one["over_import_seconds"]
         n = len(one["samples"]["import_torch_transformers"])
@@ -260,9 +277,7 @@ def markdown(result: dict[str, Any]) -> str:
             verdict = against(over[key], TARGETS["one_pair_over_import_s"]).replace(f"{over[key]:.2f} ", "")
             verdict = "(reference)" if key == "transformers_load_floor" else verdict
             lines.append(f"| {label} | {fmt(m[key])} | {fmt(cpu[key])} | {over[key]:+.2f} s {verdict} |")
-    if result.get("left_out"):
-        lines += ["", "Left out (the deadline): " + ", ".join(result["left_out"])]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 # -- entry point ----------------------------------------------------------------------------------------------------
@@ -296,8 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         "hardware": hardware,
         "args": {k: str(v) for k, v in vars(args).items()},
         "model": args.model,
-        "model_description": f"Llama, {model.layers} layers, hidden {model.hidden}, {model.heads} heads, "
-                             f"intermediate {model.intermediate}, vocab {model.vocab}",  # fmt: skip
+        "model_description": f"Llama, {model.layers} layer{'s' * (model.layers != 1)}, hidden {model.hidden}, "
+                             f"{model.heads} heads, intermediate {model.intermediate}, vocab {model.vocab}",
         "load_average_start": os.getloadavg(),
         "cells": [],
         "left_out": [],

@@ -277,7 +277,8 @@ def beyond_baseline(baseline: list[dict[str, Any]], run: list[dict[str, Any]]) -
     groups: dict[str, float] = {}
     for r in extra:
         parts = r["module"].split(".")
-        key = ".".join(parts[:2]) if parts[0] in ("torch", "transformers", "prefdiag", "pyarrow", "pandas") else parts[0]
+        split = parts[0] in ("torch", "transformers", "prefdiag", "pyarrow", "pandas")  # big ones: two levels
+        key = ".".join(parts[:2]) if split else parts[0]
         groups[key] = groups.get(key, 0.0) + r["self_us"] / 1e6
     return {
         "baseline_seconds": sum(r["self_us"] for r in baseline) / 1e6,
