@@ -80,7 +80,8 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def run_process(label: str, cmd: list[str], logs: Path, timeout: float, env: dict[str, str] | None = None) -> dict:
+def run_process(label: str, cmd: list[str], logs: Path, timeout: float, env: dict[str, str] | None = None,
+                cwd: Path = REPO) -> dict:  # fmt: skip
     """Run one command as its own process; wall time measured around subprocess.run. stdout/stderr to logs/."""
     logs.mkdir(parents=True, exist_ok=True)
     log(f"{label}: {' '.join(cmd)}")
@@ -88,7 +89,7 @@ def run_process(label: str, cmd: list[str], logs: Path, timeout: float, env: dic
     usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or child_env(), cwd=REPO)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or child_env(), cwd=cwd)
         seconds, rc, stdout, stderr = time.perf_counter() - started, done.returncode, done.stdout, done.stderr
     except subprocess.TimeoutExpired as exc:
         seconds, rc = time.perf_counter() - started, "timeout"
@@ -211,11 +212,14 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 def ensure_inputs(args, shape: make_models.Shape, pairs: int | None = None) -> dict[str, Any]:
     """Build (or reuse) models and data in a child process, so the harness holds no model or GPU memory."""
-    out = Path(args.work) / shape.name
+    model = getattr(args, "model", None)
+    out = Path(args.work) / (f"{shape.name}-{model}" if model else shape.name)
     cmd = [sys.executable, str(HERE / "make_models.py"), "--shape", shape.name, "--out", str(out),
            "--device", args.build_device, "--seed", str(args.seed)]  # fmt: skip
     if pairs is not None:
         cmd += ["--pairs", str(pairs)]
+    if model:
+        cmd += ["--model", model]
     if args.layers is not None:
         cmd += ["--layers", str(args.layers)]
     done = run_process(f"make_models-{shape.name}", cmd, out / "logs", child_timeout(args))
@@ -665,7 +669,7 @@ def print_precision(result: dict[str, Any]) -> None:
 
 def scaling(args) -> dict[str, Any]:
     """prefdiag's time per pair at growing pair counts on a model-light shape (first and cached run)."""
-    shape = make_models.get_shape(args.scaling_shape, layers=args.layers)
+    shape = make_models.get_shape(args.scaling_shape, model=args.model, layers=args.layers)
     sizes = [int(s) for s in args.scaling_sizes.split(",")]
     points = []
     for n in sizes:
@@ -733,6 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="where to write the results")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pairs", type=int, help="dataset size (default: the shape's)")
+    parser.add_argument("--model", choices=sorted(make_models.MODELS), help="run the shape on this model size")
     parser.add_argument("--layers", type=int, help="override the shape's layer count (smoke tests)")
     parser.add_argument("--batch-size", type=int, default=8, help="TRL's per_device_eval_batch_size")
     parser.add_argument("--prefdiag-args", type=shlex.split, default=[],
@@ -762,7 +767,7 @@ def main(argv: list[str] | None = None) -> int:
     args.build_device = "cuda" if args.device == "cuda" else "cpu"
     if not (args.precision or args.scaling):
         args.side_by_side = True
-    shape = make_models.get_shape(args.shape, layers=args.layers)
+    shape = make_models.get_shape(args.shape, model=args.model, layers=args.layers)
     results: dict[str, Any] = {"hardware": hardware(args.device), "args": {k: str(v) for k, v in vars(args).items()}}
     modes = [m for m, on in (("side_by_side", args.side_by_side), ("precision", args.precision),
                              ("scaling", args.scaling)) if on]  # fmt: skip

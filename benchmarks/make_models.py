@@ -63,6 +63,7 @@ class Shape:
     bos: bool  # the tokenizer prepends a BOS token (Llama style); Qwen style adds none
     policy_noise: float = 0.01  # policy = reference + noise * mean|w| * N(0, 1), per weight tensor
     logit_std: float = 4.0
+    chat: bool = False  # conversational pairs, a ChatML template on the tokenizer (no BOS, EOS <|im_end|>)
 
     def config(self):
         """The transformers config of this shape."""
@@ -79,7 +80,7 @@ class Shape:
             from transformers import LlamaConfig
 
             config = LlamaConfig(
-                **common, bos_token_id=ids[specials["bos"]], eos_token_id=ids[specials["eos"]],
+                **common, bos_token_id=ids.get(specials["bos"]), eos_token_id=ids[specials["eos"]],
                 pad_token_id=ids[specials["pad"]],
             )  # fmt: skip
         elif self.arch == "qwen2":
@@ -98,6 +99,18 @@ class Shape:
 
 _LONG = dict(prompt_words=(300, 900), response_words=(50, 300))
 
+# Model sizes the benchmark matrix can run every shape with (``get_shape(name, **MODELS[m])``).
+MODELS: dict[str, dict[str, int]] = {
+    # The `cpu` shape's model: Llama, 4 layers, hidden 256 (the model issue 15 was measured with).
+    "cpu": dict(hidden=256, layers=4, heads=4, kv_heads=4, intermediate=688),
+    # The same at half width: about 2.7x the tokens per second on a 2-core CPU; the full matrix fits ~25 minutes.
+    "half": dict(hidden=128, layers=4, heads=4, kv_heads=4, intermediate=344),
+}
+_CPU_MODEL = dict(
+    arch="llama", vocab=8000, max_positions=2048, rope_theta=10000.0, rms_norm_eps=1e-5, tie_embeddings=False,
+    dtype="float32", **MODELS["cpu"],
+)  # fmt: skip
+
 SHAPES: dict[str, Shape] = {
     # Small enough to score on a 2-core CPU in under a minute; prompts ~4x the responses, lengths +-30%.
     "cpu": Shape(
@@ -105,6 +118,15 @@ SHAPES: dict[str, Shape] = {
         max_positions=2048, rope_theta=10000.0, rms_norm_eps=1e-5, tie_embeddings=False, dtype="float32",
         pairs=160, prompt_words=(280, 520), response_words=(70, 130), bos=True,
     ),
+    # The benchmark matrix (issue 15), all on the `cpu` shape's model unless --model says otherwise:
+    # short answers after medium prompts (~160 prompt tokens, ~10 per response, EOS included)
+    "short": Shape(name="short", pairs=160, prompt_words=(130, 190), response_words=(5, 13), bos=True, **_CPU_MODEL),
+    # long answers after short prompts (~40 prompt tokens, ~400 per response)
+    "long": Shape(name="long", pairs=160, prompt_words=(20, 60), response_words=(300, 500), bos=True, **_CPU_MODEL),
+    # conversations: a system message and three turns as the prompt (40-120 words plus ~105 tokens of ChatML
+    # markup), one assistant message per response (15-60 words + ~6); rendered by the ChatML template in both tools
+    "chat": Shape(name="chat", pairs=160, prompt_words=(40, 120), response_words=(15, 60), bos=False, chat=True,
+                  **_CPU_MODEL),
     # Model-light, for the scaling runs (thousands of pairs: Python-side costs dominate).
     "tiny": Shape(
         name="tiny", arch="llama", hidden=64, layers=1, heads=2, kv_heads=2, intermediate=172, vocab=2048,
@@ -126,11 +148,14 @@ SHAPES: dict[str, Shape] = {
 }
 
 
-def get_shape(name: str, **overrides: Any) -> Shape:
-    """A named shape, with fields replaced (e.g. layers=1 for a smoke test)."""
+def get_shape(name: str, model: str | None = None, **overrides: Any) -> Shape:
+    """A named shape, on one of MODELS' sizes if ``model`` is given, with fields replaced (e.g. layers=1 for a smoke
+    test)."""
     if name not in SHAPES:
         raise SystemExit(f"unknown shape {name!r}; expected one of {', '.join(SHAPES)}")
-    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if model is not None and model not in MODELS:
+        raise SystemExit(f"unknown model {model!r}; expected one of {', '.join(MODELS)}")
+    overrides = {**(MODELS[model] if model else {}), **{k: v for k, v in overrides.items() if v is not None}}
     return dataclasses.replace(SHAPES[name], **overrides)
 
 
@@ -143,8 +168,19 @@ PRETOKENIZE_REGEX = (
 )
 
 
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 def special_tokens(shape: Shape) -> dict[str, Any]:
-    """Special tokens (last in the vocabulary, as in the real models): Llama-3 style with BOS, or Qwen2 style."""
+    """Special tokens (last in the vocabulary, as in the real models): Llama-3 style with BOS, Qwen2 style, or
+    Qwen2-Instruct style (ChatML, EOS ``<|im_end|>``) for the chat shape."""
+    if shape.chat:
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        return {"all": specials, "bos": None, "eos": specials[2], "pad": specials[0],
+                "tokenizer_class": "Qwen2Tokenizer"}  # fmt: skip
     if shape.bos:
         specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"]
         return {"all": specials, "bos": specials[0], "eos": specials[1], "pad": specials[2],
@@ -209,6 +245,8 @@ def build_tokenizer(shape: Shape):
         tokenizer_object=tok, bos_token=specials["bos"], eos_token=specials["eos"], pad_token=specials["pad"]
     )
     fast.model_max_length = shape.max_positions
+    if shape.chat:
+        fast.chat_template = CHATML
     assert len(fast) == shape.vocab, (len(fast), shape.vocab)
     return fast
 
@@ -223,12 +261,18 @@ def save_tokenizer(tokenizer, shape: Shape, path: Path) -> None:
     config = json.loads(config_file.read_text())
     config["tokenizer_class"] = special_tokens(shape)["tokenizer_class"]
     config_file.write_text(json.dumps(config, indent=2))
-    sample = make_pairs(shape, 1, seed=12345)[0]
+    sample = make_pairs(dataclasses.replace(shape, chat=False), 1, seed=12345)[0]
     text = sample["prompt"] + sample["chosen"] + tokenizer.eos_token
     expected = tokenizer(text)["input_ids"]
     loaded = AutoTokenizer.from_pretrained(path)
     got = loaded(text)["input_ids"]
     words_in_text = len((sample["prompt"] + sample["chosen"]).split())
+    if shape.chat:
+        messages = [{"role": "user", "content": sample["prompt"]}]
+        rendered = [t.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) for t in
+                    (tokenizer, loaded)]  # fmt: skip
+        if loaded.chat_template != CHATML or rendered[0] != rendered[1]:
+            raise RuntimeError(f"the chat template does not survive loading {path}")
     if got != expected or len(got) != words_in_text + 1 + int(shape.bos):
         raise RuntimeError(
             f"{type(loaded).__name__} loaded from {path} tokenizes differently ({len(got)} vs {len(expected)} "
@@ -239,8 +283,10 @@ def save_tokenizer(tokenizer, shape: Shape, path: Path) -> None:
 # -- dataset --------------------------------------------------------------------------------------------------------
 
 
-def make_pairs(shape: Shape, n: int, seed: int = 0) -> list[dict[str, str]]:
-    """n standard-format pairs of random space-led words (one token each), lengths uniform in the shape's ranges."""
+def make_pairs(shape: Shape, n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """n pairs of random space-led words (one token each), lengths uniform in the shape's ranges: standard format,
+    or for a chat shape conversational (the prompt's words spread over a system message and user / assistant / user
+    turns, each response one assistant message)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -259,11 +305,21 @@ def make_pairs(shape: Shape, n: int, seed: int = 0) -> list[dict[str, str]]:
         return out
 
     for i in range(n):
-        prompt = take(int(prompt_len[i]))
-        chosen = take(int(chosen_len[i]))
-        rejected = take(int(rejected_len[i]))
+        if shape.chat:
+            k = int(prompt_len[i])
+            split = [max(1, k // 10), k * 4 // 10, k * 2 // 10]
+            turns = [*split, k - sum(split)]  # system, user, assistant, user
+            prompt = [{"role": role, "content": take(m)}
+                      for role, m in zip(("system", "user", "assistant", "user"), turns)]  # fmt: skip
+            chosen = [{"role": "assistant", "content": take(int(chosen_len[i]))}]
+            rejected = [{"role": "assistant", "content": take(int(rejected_len[i]))}]
+        else:
+            prompt = take(int(prompt_len[i]))
+            chosen = take(int(chosen_len[i]))
+            rejected = take(int(rejected_len[i]))
         pairs.append({"id": f"p{i:06d}", "prompt": prompt, "chosen": chosen, "rejected": rejected})
-    longest = int((prompt_len + np.maximum(chosen_len, rejected_len)).max()) + 2  # + BOS and EOS
+    markup = 200 if shape.chat else 0  # ChatML: <|im_start|>, the role's bytes, newlines, <|im_end|>: ~26 a message
+    longest = int((prompt_len + np.maximum(chosen_len, rejected_len)).max()) + 2 + markup  # + BOS and EOS
     if longest > shape.max_positions:
         raise ValueError(f"pairs up to {longest} tokens exceed max_position_embeddings {shape.max_positions}")
     return pairs
@@ -398,10 +454,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="where to initialise the models (cuda for the big shapes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pairs", type=int, help="dataset size (default: the shape's)")
+    parser.add_argument("--model", choices=sorted(MODELS), help="the model size (default: the shape's own)")
     parser.add_argument("--layers", type=int, help="override the layer count (smoke tests)")
     parser.add_argument("--force", action="store_true", help="rebuild the models even if the manifest matches")
     args = parser.parse_args(argv)
-    shape = get_shape(args.shape, layers=args.layers)
+    shape = get_shape(args.shape, model=args.model, layers=args.layers)
     result = ensure(shape, args.out, device=args.device, seed=args.seed, pairs=args.pairs, force=args.force,
                     log=lambda msg: print(msg, file=sys.stderr))  # fmt: skip
     print(json.dumps(result))
