@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on a GPU that supports it, else float32
 DEVICES = ("auto", "cpu", "cuda", "mps")
 LAYOUTS = ("prefix", "packed", "separate")  # how pairs become model rows (prefdiag.scoring); never the numbers
-DATA_FORMATS = ("auto", "standard", "conversational", "hh")  # how the pairs are shaped (prefdiag.data)
+SHAPED_FORMATS = ("rated", "rated-best-worst", "shp", "kto")  # data in another shape, made into pairs (prefdiag.data.shapes)
+DATA_FORMATS = ("auto", "standard", "conversational", "hh", *SHAPED_FORMATS)  # how the pairs are shaped (prefdiag.data)
 TABLE_FORMATS = ("parquet", "csv", "jsonl")  # the per-pair table written to --output
 OUTPUT_FORMATS = ("table", "json")  # what is printed on stdout
 

@@ -8,9 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from prefdiag.options import LAYOUTS
 from prefdiag.tokenization import TokenizedPairs
-
-LAYOUTS = ("prefix", "packed", "separate")
 
 # Segment codes inside a packed row.
 _PROMPT, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, 3

@@ -36,6 +36,7 @@ from prefdiag import flex
 from prefdiag.ches import ResponseSums
 from prefdiag.engine_checks import model_name, name_non_finite_weights, refuse_rows_beyond_memory
 from prefdiag.errors import RunError, first_line
+from prefdiag.options import BATCH_TOKENS
 from prefdiag.masks import attention_windows, dense_masks  # noqa: F401  (attention_windows: re-exported)
 from prefdiag.rows import (  # noqa: F401  (re-exported: tests and api import them from here)
     _CHOSEN,
@@ -57,7 +58,7 @@ log = logging.getLogger(__name__)
 class ScoreSettings:
     """How to batch the work; none of it changes the numbers."""
 
-    batch_tokens: int = 8192  # padded tokens per forward pass (rows x longest row)
+    batch_tokens: int = BATCH_TOKENS["cpu"]  # padded tokens per forward pass (rows x longest row)
     layout: str = "prefix"
     pack_tokens: int = 4096  # "packed": the row length (at least the longest pair, at most batch_tokens)
     padding_side: str = "right"

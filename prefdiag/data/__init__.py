@@ -49,8 +49,8 @@ from prefdiag.data.readers import (
 )
 from prefdiag.data.shapes import SHAPES, detect_shape, to_pairs
 from prefdiag.errors import DataError, UsageError
+from prefdiag.options import DATA_FORMATS
 
-DATA_FORMATS = ("auto", "standard", "conversational", "hh", *SHAPES)
 REQUIRED = ("chosen", "rejected")
 
 __all__ = [
