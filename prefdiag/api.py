@@ -21,12 +21,13 @@ import pandas as pd
 
 from prefdiag import __version__
 from prefdiag import checks
+from prefdiag.ches import add_ches_columns, summarize_ches
 from prefdiag.data import PairData, load_pairs, with_python_objects
 from prefdiag.diagnostics import SCHEMA_VERSION, add_pair_metrics, summarize, summarize_groups, verdict
 from prefdiag.errors import ModelError, UsageError
 from prefdiag.options import RunOptions, default_batch_tokens
 from prefdiag.phases import phase
-from prefdiag.result import RunResult
+from prefdiag.result import RunResult, order_columns
 
 __all__ = ["AdapterDisabled", "RunOptions", "RunResult", "audit", "compare"]
 
@@ -89,17 +90,19 @@ def _run(
     options.validate()
     with phase("load_data"):
         pairs = data if isinstance(data, PairData) else load_pairs(
-            data, split=options.split, columns=options.columns, data_format=options.data_format
-        )
+            data, split=options.split, columns=options.columns, data_format=options.data_format,
+            binarize_seed=options.binarize_seed,
+        )  # fmt: skip
     group_column = _group_column(pairs.table, options)
     _check_group_column(pairs.table, group_column)
     with phase("model_free_checks"):
         features = checks.text_features(pairs.table)  # model-free checks: before any model is loaded
     table = pairs.table[["pair_id"]].copy()
     provenance: dict[str, Any] = {"dataset": pairs.provenance()}
-    tokens = None
+    tokens, notes = None, {}
     if reference is not None:
         scores, model_provenance = _score(pairs, reference, policy, options, progress, tokenizer)
+        notes = _tokenization_notes(model_provenance["tokenization"])
         table = pd.concat([table, scores], axis=1)
         provenance.update(model_provenance)
         tokens = (scores["chosen_tokens"].to_numpy(), scores["rejected_tokens"].to_numpy())
@@ -108,7 +111,10 @@ def _run(
         extras = pairs.table.drop(columns=["pair_id"])
         table = pd.concat([table, extras], axis=1)
         table = add_pair_metrics(table, options.beta)
+        table = add_ches_columns(table, options.high_ches_share)
         summary = summarize(table, options.beta)
+        summary.update(summarize_ches(table, options.high_ches_share))
+        summary.update(notes)
         summary["verdict"] = verdict(summary)
         if options.group_by is not None:
             summary["groups"] = summarize_groups(table, group_column, options.beta)
@@ -124,7 +130,7 @@ def _run(
             "options": options.record(),
         },
     }
-    return RunResult(with_python_objects(_order_columns(table)), summary)
+    return RunResult(with_python_objects(order_columns(table)), summary)
 
 
 def _score(
@@ -146,7 +152,15 @@ def _score(
     if policy is not None:
         sources["policy"] = _source("policy", policy, reference, options, loaded)
     with phase("load_tokenizer"):
+        given = tokenizer is not None and not isinstance(tokenizer, (str, Path))
         tokenizer = _tokenizer(tokenizer, reference, options)
+        if options.chat_template:
+            import copy
+
+            from prefdiag.chat_templates import use_chat_template
+
+            tokenizer = copy.deepcopy(tokenizer) if given else tokenizer  # the caller's object keeps its template
+            use_chat_template(tokenizer, options.chat_template)
         _check_vocabularies(sources, tokenizer, options)
     tokenized = _tokenize(tokenizer, pairs.table, options, progress)
     columns = pd.DataFrame(
@@ -161,8 +175,11 @@ def _score(
     passes = _ModelPasses(tokenized, options, progress)
     try:
         for label, source in sources.items():
-            scores, provenance[label] = passes.run(label, source)
+            scores, extras, provenance[label] = passes.run(label, source)
             columns[f"{_PREFIX[label]}_chosen_logp"], columns[f"{_PREFIX[label]}_rejected_logp"] = scores
+            for name in ("ches", "ches_norm"):
+                if name in extras:
+                    columns[name] = extras[name]
     finally:
         loaded.release()
     columns["truncated"] = tokenized.truncated
@@ -172,6 +189,17 @@ def _score(
 
 
 _PREFIX = {"reference": "ref", "policy": "policy"}
+
+
+def _tokenization_notes(settings: dict[str, Any]) -> dict[str, Any]:
+    """Summary keys on how the tokenization may differ from the user's TRL run: ``n_over_trl_default_max_length``
+    (None when --max-length was given) and ``tokenization_notes`` (one line each)."""
+    from prefdiag.tokenization import settings_notes
+
+    return {
+        "n_over_trl_default_max_length": settings.get("n_over_trl_default_max_length"),
+        "tokenization_notes": settings_notes(settings),
+    }
 
 
 def _source(label: str, model: Model, reference: Model | None, options: RunOptions, loaded):
@@ -247,11 +275,12 @@ def _check_vocabularies(sources: dict[str, Any], tokenizer, options: RunOptions)
 def _tokenize(tokenizer, table: pd.DataFrame, options: RunOptions, progress: ProgressFactory | None):
     """The pairs tokenized as TRL does, or the ids a previous run saved for the same tokenizer, settings and text."""
     from prefdiag.cache import default_cache_dir, load_tokenized, save_tokenized
-    from prefdiag.tokenization import tokenization_key, tokenize_pairs
+    from prefdiag.tokenization import template_columns, tokenization_key, tokenize_pairs
 
     with phase("tokenize"):
         texts = (list(table["prompt"]), list(table["chosen"]), list(table["rejected"]))
-        key = tokenization_key(tokenizer, *texts, max_length=options.max_length) if options.cache else None
+        extra = dict(template_columns(table), compat=options.compat, max_prompt_length=options.max_prompt_length)
+        key = tokenization_key(tokenizer, *texts, max_length=options.max_length, **extra) if options.cache else None
     path = None if key is None else Path(options.cache_dir or default_cache_dir()) / "tokens" / f"{key}.npz"
     if path is not None:
         with phase("cache_io"):
@@ -261,7 +290,7 @@ def _tokenize(tokenizer, table: pd.DataFrame, options: RunOptions, progress: Pro
             return cached
     advance = progress("tokenizing", len(table)) if progress else None
     with phase("tokenize"):
-        tokenized = tokenize_pairs(tokenizer, *texts, max_length=options.max_length, progress=advance)
+        tokenized = tokenize_pairs(tokenizer, *texts, max_length=options.max_length, progress=advance, **extra)
     if path is not None:
         try:
             with phase("cache_io"):
@@ -282,16 +311,18 @@ class _ModelPasses:
         with phase("cache_io"):
             self.keys = pair_keys(tokenized.prompt_ids, tokenized.chosen_ids, tokenized.rejected_ids)
 
-    def run(self, label: str, source) -> tuple[tuple[Any, Any], dict[str, Any]]:
-        """Score every pair under ``source``; returns (chosen, rejected) and the provenance record."""
+    def run(self, label: str, source) -> tuple[tuple[Any, Any], dict[str, Any], dict[str, Any]]:
+        """Score every pair under ``source``; returns (chosen, rejected), the engine's further per-pair columns
+        (CHES, on the reference pass) and the provenance record."""
         from prefdiag.cache import LogProbCache, default_cache_dir, model_key
         from prefdiag.scorers import CachedScorer, ModelScorer
         from prefdiag.scoring import ScoreSettings
 
         options = self.options
         settings = ScoreSettings(
-            batch_tokens=options.batch_tokens or default_batch_tokens(source.device.type), layout=options.layout
-        )
+            batch_tokens=options.batch_tokens or default_batch_tokens(source.device.type), layout=options.layout,
+            ches=options.ches and label == "reference",  # CHES is the reference's, from the same forward pass
+        )  # fmt: skip
         bar = (lambda total: self.progress(f"scoring {label}", total)) if self.progress else None
         engine = ModelScorer(source, settings, bar)
         identity = source.identity()
@@ -310,7 +341,7 @@ class _ModelPasses:
             "pairs_from_cache": getattr(scorer, "pairs_from_cache", 0),
             **engine.record,
         }
-        return scores, record
+        return scores, dict(scorer.extras), record
 
 
 def _wanted_extras(settings) -> tuple[str, ...]:
@@ -356,37 +387,3 @@ def _check_group_column(table: pd.DataFrame, column: str | None) -> None:
         raise UsageError(
             f"--group-by: column {column!r} has {distinct:,} distinct values; at most {MAX_GROUPS} groups are allowed"
         )
-
-
-_LEADING = [
-    "pair_id",
-    "prompt_tokens",
-    "chosen_tokens",
-    "rejected_tokens",
-    "ref_chosen_logp",
-    "ref_rejected_logp",
-    "ref_margin",
-    "ref_prefers_rejected",
-    "policy_chosen_logp",
-    "policy_rejected_logp",
-    "policy_margin",
-    "reward_chosen",
-    "reward_rejected",
-    "reward_margin",
-    "dpo_loss",
-    "negative_margin_regime",
-    "chosen_displaced",
-    "both_displaced",
-    "likely_mislabeled",
-    "mislabel_score",
-    "truncated",
-    "dropped",
-    "boundary_mismatch",
-    *checks.CHECKS,
-    *checks.SCORES,
-]
-
-
-def _order_columns(table: pd.DataFrame) -> pd.DataFrame:
-    leading = [c for c in _LEADING if c in table.columns]
-    return table[leading + [c for c in table.columns if c not in leading]]

@@ -16,8 +16,9 @@ if TYPE_CHECKING:
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on a GPU that supports it, else float32
 DEVICES = ("auto", "cpu", "cuda", "mps")
 LAYOUTS = ("prefix", "packed", "separate")  # how pairs become model rows (prefdiag.scoring); never the numbers
-SHAPED_FORMATS = ("rated", "rated-best-worst", "shp", "kto")  # data in another shape, made into pairs (prefdiag.data.shapes)
+SHAPED_FORMATS = ("rated", "rated-best-worst", "shp", "kto")  # other shapes, made into pairs (prefdiag.data.shapes)
 DATA_FORMATS = ("auto", "standard", "conversational", "hh", *SHAPED_FORMATS)  # how the pairs are shaped (prefdiag.data)
+COMPAT = ("trl1", "trl0", "rewardbench")  # tokenization conventions (prefdiag.tokenization.COMPAT_SCHEMES)
 TABLE_FORMATS = ("parquet", "csv", "jsonl")  # the per-pair table written to --output
 OUTPUT_FORMATS = ("table", "json")  # what is printed on stdout
 
@@ -28,6 +29,7 @@ BATCH_TOKENS = {"cuda": 16384, "cpu": 4096}
 FINGERPRINT_MAX_BYTES = 512 * 2**20
 DEFAULT_TOP = 10  # worst pairs shown in the reports
 DEFAULT_BETA = 0.1
+HIGH_CHES_SHARE = 0.05  # high_ches flags the top 5% of pairs by ches_norm (prefdiag.ches.HIGH_CHES_TOP_SHARE)
 
 
 def default_batch_tokens(device_type: str) -> int:
@@ -59,8 +61,14 @@ class RunOptions:
     columns: ColumnMap = field(default_factory=lambda: _column_map())
     cache: bool = True  # reuse and save per-pair log-probs on disk (see prefdiag.cache)
     cache_dir: str | None = None
-    data_format: str = "auto"  # auto | standard | conversational | hh (see prefdiag.data)
+    data_format: str = "auto"  # one of DATA_FORMATS (see prefdiag.data)
+    binarize_seed: int = 0  # rated data: which of the other completions becomes the rejected one
     group_by: str | None = None  # a data column: summary["groups"] holds the metrics per value
+    ches: bool = True  # CHES from the reference pass (no extra forward pass; see prefdiag.ches)
+    high_ches_share: float = HIGH_CHES_SHARE  # the share of pairs flagged high_ches, by ches_norm
+    chat_template: str | None = None  # a Jinja file put on the tokenizer (replacing any chat template it has)
+    compat: str = "trl1"  # tokenization conventions: trl1 (TRL 1.x), trl0 (TRL 0.x), rewardbench
+    max_prompt_length: int | None = None  # trl0 / rewardbench: the prompt truncated from the left to this length
     hash_weights: bool | None = None  # an in-memory model's cache identity: None hashes its weights up to
     # FINGERPRINT_MAX_BYTES (else no cache), True hashes any size, False never caches it
 
@@ -70,6 +78,9 @@ class RunOptions:
         _choice("--dtype", self.dtype, DTYPES)
         _choice("--device", self.device, DEVICES)
         _choice("--layout", self.layout, LAYOUTS)
+        _choice("--compat", self.compat, COMPAT)
+        if not 0.0 <= self.high_ches_share <= 1.0:  # NaN fails too
+            raise UsageError(f"--high-ches-share must be between 0 and 1, got {self.high_ches_share}")
         if not self.beta > 0:
             raise UsageError(f"--beta must be > 0, got {self.beta}")
         if not math.isfinite(self.beta):

@@ -11,6 +11,7 @@ from typing import Any
 
 import pandas as pd
 
+from prefdiag.checks import CHECKS, SCORES
 from prefdiag.options import DEFAULT_TOP
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,49 @@ class RunResult:
             log.warning("could not append to GITHUB_STEP_SUMMARY (%s): %s", target, exc)
             return False
         return True
+
+
+# The per-pair table's leading columns, in order (those a run has); the data's own columns follow.
+COLUMN_ORDER = [
+    "pair_id",
+    "prompt_tokens",
+    "chosen_tokens",
+    "rejected_tokens",
+    "ref_chosen_logp",
+    "ref_rejected_logp",
+    "ref_margin",
+    "ref_prefers_rejected",
+    "ches",
+    "ches_norm",
+    "ches_percentile",
+    "ches_norm_percentile",
+    "high_ches",
+    "policy_chosen_logp",
+    "policy_rejected_logp",
+    "policy_margin",
+    "reward_chosen",
+    "reward_rejected",
+    "reward_margin",
+    "dpo_loss",
+    "negative_margin_regime",
+    "negative_margin_regime_per_token",
+    "chosen_displaced",
+    "both_displaced",
+    "likely_mislabeled",
+    "mislabel_score",
+    "truncated",
+    "dropped",
+    "non_finite",
+    "boundary_mismatch",
+    *CHECKS,
+    *SCORES,
+]
+
+
+def order_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """The per-pair table with prefdiag's columns first, in COLUMN_ORDER, then the data's own columns."""
+    leading = [c for c in COLUMN_ORDER if c in table.columns]
+    return table[leading + [c for c in table.columns if c not in leading]]
 
 
 def check_output_dir(directory: str | Path, flag: str = "--output") -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import typer
 
 from prefdiag import __version__
-from prefdiag.cli import gate_command, scoring_commands
-from prefdiag.cli._errors import OneLineErrors
+from prefdiag.cli import clean_command, gate_command, scoring_commands
+from prefdiag.cli._errors import OneLineErrors, PlainUsage
 
 app = typer.Typer(
     name="prefdiag",
@@ -18,9 +18,10 @@ app = typer.Typer(
     rich_markup_mode="rich",
     cls=OneLineErrors,
 )
-app.command("audit")(scoring_commands.audit)
-app.command("compare")(scoring_commands.compare)
-app.command("gate")(gate_command.gate)
+app.command("audit", cls=PlainUsage)(scoring_commands.audit)
+app.command("compare", cls=PlainUsage)(scoring_commands.compare)
+app.command("gate", cls=PlainUsage)(gate_command.gate)
+app.command("clean", cls=PlainUsage)(clean_command.clean)
 
 
 def _version(value: bool) -> None:

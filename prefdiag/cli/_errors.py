@@ -10,8 +10,9 @@ from collections.abc import Callable
 from typing import Any
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 from typer.core import _click as click  # typer 0.2x vendors click; its exceptions are these
+from typer.exceptions import Abort  # not in typer._click.exceptions
 
 from prefdiag.errors import Interrupted, PrefdiagError, RunError, UsageError, first_line
 from prefdiag.interrupt import handle_signals
@@ -89,9 +90,23 @@ class OneLineErrors(TyperGroup):
         except click.exceptions.ClickException as exc:
             print(f"Error: {' '.join(exc.format_message().split())}", file=sys.stderr)
             code = EXIT_USAGE if isinstance(exc, click.exceptions.UsageError) else exc.exit_code
-        except click.exceptions.Abort:
+        except Abort:
             print("interrupted", file=sys.stderr)
             code = EXIT_INTERRUPTED
         if not standalone_mode:
             return code
         sys.exit(code if isinstance(code, int) else 0)
+
+
+class PlainUsage(TyperCommand):
+    """A command whose usage line names a required argument plainly (``DATA``), not as typer 0.29 braces it
+    (``{DATA}``), which reads as a literal or a set of choices."""
+
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument) and param.required:
+                pieces.append(param.display_name_raw + ("..." if param.nargs != 1 else ""))
+            else:
+                pieces.extend(param.get_usage_pieces(ctx))
+        return pieces

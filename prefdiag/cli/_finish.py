@@ -40,10 +40,12 @@ def prepare(
 
 
 def finish(
-    result, plan: GatePlan, output: Path | None, fmt: Any, table_format: str | None, top: int, quiet: bool = False
+    result, plan: GatePlan, output: Path | None, fmt: Any, table_format: str | None, top: int, quiet: bool = False,
+    gate_only: bool = False,
 ) -> None:
-    """Compare with the baseline, gate, write every output, print the report; exit 1 when an error rule failed.
-    A rule the finished summary cannot evaluate still leaves the outputs written before it exits 2."""
+    """Compare with the baseline, gate, write every output, print the report (``gate_only``: the gate table and
+    the verdict alone); exit 1 when an error rule failed. A rule the finished summary cannot evaluate still leaves
+    the outputs written before it exits 2."""
     from prefdiag.cli._output import emit, write
 
     if plan.baseline is not None:
@@ -57,6 +59,6 @@ def finish(
     if output is not None:
         write(result, output, table_format, top, quiet)
     result.append_step_summary(top)
-    emit(result.pairs, result.summary, fmt, top)
+    emit(result.pairs, result.summary, fmt, top, gate_only)
     if not outcome["passed"]:
         raise typer.Exit(EXIT_GATE_FAILED)

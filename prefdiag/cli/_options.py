@@ -22,6 +22,7 @@ DataFormat = _choices("DataFormat", options.DATA_FORMATS)
 Dtype = _choices("Dtype", options.DTYPES)
 Layout = _choices("Layout", options.LAYOUTS)
 Device = _choices("Device", options.DEVICES)
+Compat = _choices("Compat", options.COMPAT)
 
 
 Data = Annotated[
@@ -36,6 +37,7 @@ OptionalReference = Annotated[
     Optional[str], typer.Option("--reference", "-r", help="Reference model: a directory or hub id.")
 ]
 Policy = Annotated[str, typer.Option("--policy", "-p", help="DPO-trained policy: a directory or hub id.")]
+OptionalPolicy = Annotated[Optional[str], typer.Option("--policy", "-p", help="DPO-trained policy, for its flags.")]
 Beta = Annotated[float, typer.Option(help="The beta the policy was trained with (> 0).")]
 DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="Model dtype; auto is bfloat16 on a GPU, float32 on CPU.")]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run the models.")]
@@ -91,6 +93,51 @@ DataFormatOpt = Annotated[
         "hh: Anthropic HH transcripts, split after the last shared '\\n\\nAssistant:'.",
     ),
 ]
+BinarizeSeed = Annotated[
+    int,
+    typer.Option(
+        "--binarize-seed", metavar="SEED",
+        help="rated data: the seed that picks the rejected completion among those rated below the best.",
+    ),
+]  # fmt: skip
+Ches = Annotated[
+    bool,
+    typer.Option(
+        "--ches/--no-ches", metavar="",
+        help="CHES (centered hidden embedding similarity) from the reference pass, no extra forward pass: which "
+        "pairs DPO is likely to push the chosen answer's likelihood down on.",
+    ),
+]  # fmt: skip
+HighChesShare = Annotated[
+    float,
+    typer.Option(
+        "--high-ches-share", metavar="SHARE", help="The share of pairs (0-1) flagged high_ches, by ches_norm."
+    ),
+]
+ChatTemplate = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--chat-template", metavar="FILE", dir_okay=False,
+        help="A Jinja chat template file for conversational data, used instead of the tokenizer's (or where it "
+        "has none).",
+    ),
+]  # fmt: skip
+CompatOpt = Annotated[
+    Compat,
+    typer.Option(
+        "--compat",
+        help="Tokenization conventions. trl1: TRL 1.x's DPOTrainer. trl0: TRL 0.x (parts tokenized apart, the "
+        "prompt truncated from the left at --max-prompt-length). rewardbench: RewardBench's DPO scorer.",
+    ),
+]  # fmt: skip
+MaxPromptLength = Annotated[
+    Optional[int],
+    typer.Option(
+        "--max-prompt-length", metavar="TOKENS",
+        help="--compat trl0 / rewardbench: keep the prompt's last TOKENS tokens (default 512 with trl0, 128 with "
+        "rewardbench, as they do).",
+    ),
+]  # fmt: skip
 GroupBy = Annotated[
     Optional[str],
     typer.Option(

@@ -77,16 +77,36 @@ class ProgressBars:
         return lambda n: self.progress.advance(task, n)
 
 
-def emit(pairs, summary: dict[str, Any], fmt: OutputFormat, top: int) -> None:
-    """Print the run's summary on stdout: a rich report, or JSON."""
+def emit(pairs, summary: dict[str, Any], fmt: OutputFormat, top: int, gate_only: bool = False) -> None:
+    """Print the run's summary on stdout: a rich report (with ``gate_only``, the gate table and the verdict
+    alone, as `prefdiag gate` shows a re-gated run), or JSON."""
     from prefdiag.reports.files import dumps_summary
-    from prefdiag.reports.terminal import print_report
+    from prefdiag.reports import terminal
 
     with phase("print_report"):
         if fmt == OutputFormat.json:
             print(dumps_summary(summary), end="")
+        elif gate_only:
+            _print_gate_and_verdict(summary)
         else:
-            print_report(stdout, pairs, summary, top)
+            terminal.print_report(stdout, pairs, summary, top)
+            for note in summary.get("tokenization_notes") or ():
+                stdout.print(f"note: {note}", highlight=False, markup=False)
+
+
+def _print_gate_and_verdict(summary: dict[str, Any]) -> None:
+    """What `prefdiag gate` prints: the verdict, the gate table and the gate's one-line outcome."""
+    from rich.text import Text
+
+    from prefdiag.reports import terminal
+    from prefdiag.reports.common import gate_headline
+
+    stdout.print(terminal.verdict_panel(summary))
+    table = terminal.gate_table(summary)
+    if table is not None:
+        stdout.print(table)
+    level, headline = gate_headline(summary)
+    stdout.print(Text(headline, style=f"bold {terminal.LEVEL_STYLES[level]}"))
 
 
 def write(result, out_dir: Path, table_format: str | None, top: int, quiet: bool = False) -> list[Path]:

@@ -9,6 +9,7 @@ import typer
 
 from prefdiag.cli import _options as o
 from prefdiag.cli._errors import handles_errors
+from prefdiag.options import DEFAULT_TOP
 
 
 SavedRunArg = Annotated[
@@ -37,7 +38,7 @@ def gate(
     baseline: o.Baseline = None,
     output: GateOutput = None,
     fmt: o.FormatOpt = o.OutputFormat.table,
-    top: o.Top = 10,
+    top: o.Top = DEFAULT_TOP,
     quiet: o.Quiet = False,
 ) -> None:
     """Gate a saved run: check thresholds on its summary.json with no model and no GPU.
@@ -73,7 +74,7 @@ def gate(
     summary = {k: v for k, v in saved.summary.items() if k != "gate"}
     # Without --baseline, a baseline comparison the run already made stays in the summary and can be gated.
     plan = GatePlan(rules, load_run(baseline) if baseline is not None else None)
-    finish(RunResult(saved.pairs, summary), plan, output, fmt, _table_format(saved, output), top, quiet)
+    finish(RunResult(saved.pairs, summary), plan, output, fmt, _table_format(saved, output), top, quiet, gate_only=True)
 
 
 def _table_format(saved, output: Path | None) -> str | None:

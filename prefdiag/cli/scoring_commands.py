@@ -7,6 +7,7 @@ from typing import Any
 
 from prefdiag.cli import _options as o
 from prefdiag.cli._errors import handles_errors
+from prefdiag.options import DEFAULT_BETA, DEFAULT_TOP, HIGH_CHES_SHARE
 
 
 def _options(**kwargs: Any):
@@ -23,6 +24,10 @@ def _options(**kwargs: Any):
     kwargs["device"] = kwargs["device"].value
     kwargs["data_format"] = kwargs["data_format"].value
     kwargs["layout"] = kwargs["layout"].value
+    if "compat" in kwargs:
+        kwargs["compat"] = kwargs["compat"].value
+    if kwargs.get("chat_template") is not None:
+        kwargs["chat_template"] = str(kwargs["chat_template"])
     return RunOptions(columns=columns, **kwargs)
 
 
@@ -38,7 +43,7 @@ def _finish(
 def audit(
     data: o.Data,
     reference: o.OptionalReference = None,
-    beta: o.Beta = 0.1,
+    beta: o.Beta = DEFAULT_BETA,
     max_length: o.MaxLength = None,
     dtype: o.DtypeOpt = o.Dtype.auto,
     device: o.DeviceOpt = o.Device.auto,
@@ -55,11 +60,17 @@ def audit(
     rejected_column: o.RejectedColumn = "rejected",
     id_column: o.IdColumn = None,
     data_format: o.DataFormatOpt = o.DataFormat.auto,
+    binarize_seed: o.BinarizeSeed = 0,
+    chat_template: o.ChatTemplate = None,
+    compat: o.CompatOpt = o.Compat.trl1,
+    max_prompt_length: o.MaxPromptLength = None,
+    ches: o.Ches = True,
+    high_ches_share: o.HighChesShare = HIGH_CHES_SHARE,
     group_by: o.GroupBy = None,
     output: o.Output = None,
     fmt: o.FormatOpt = o.OutputFormat.table,
     table_format: o.TableFormatOpt = o.TableFormat.parquet,
-    top: o.Top = 10,
+    top: o.Top = DEFAULT_TOP,
     min_rules: o.MinRules = None,
     max_rules: o.MaxRules = None,
     gate_file: o.GateFile = None,
@@ -94,6 +105,8 @@ def audit(
         split=split,
         prompt_column=prompt_column, chosen_column=chosen_column, rejected_column=rejected_column,
         id_column=id_column, cache=not no_cache, cache_dir=cache_dir, data_format=data_format, group_by=group_by,
+        binarize_seed=binarize_seed, chat_template=chat_template, compat=compat, max_prompt_length=max_prompt_length,
+        ches=ches, high_ches_share=high_ches_share,
     )  # fmt: skip
     plan = prepare("audit", run_mode("audit", reference is not None), min_rules, max_rules, gate_file, baseline)
     with ProgressBars(quiet) as progress:
@@ -106,7 +119,7 @@ def compare(
     data: o.Data,
     reference: o.Reference,
     policy: o.Policy,
-    beta: o.Beta = 0.1,
+    beta: o.Beta = DEFAULT_BETA,
     max_length: o.MaxLength = None,
     dtype: o.DtypeOpt = o.Dtype.auto,
     device: o.DeviceOpt = o.Device.auto,
@@ -124,11 +137,17 @@ def compare(
     rejected_column: o.RejectedColumn = "rejected",
     id_column: o.IdColumn = None,
     data_format: o.DataFormatOpt = o.DataFormat.auto,
+    binarize_seed: o.BinarizeSeed = 0,
+    chat_template: o.ChatTemplate = None,
+    compat: o.CompatOpt = o.Compat.trl1,
+    max_prompt_length: o.MaxPromptLength = None,
+    ches: o.Ches = True,
+    high_ches_share: o.HighChesShare = HIGH_CHES_SHARE,
     group_by: o.GroupBy = None,
     output: o.Output = None,
     fmt: o.FormatOpt = o.OutputFormat.table,
     table_format: o.TableFormatOpt = o.TableFormat.parquet,
-    top: o.Top = 10,
+    top: o.Top = DEFAULT_TOP,
     min_rules: o.MinRules = None,
     max_rules: o.MaxRules = None,
     gate_file: o.GateFile = None,
@@ -160,6 +179,8 @@ def compare(
         trust_remote_code=trust_remote_code, split=split, prompt_column=prompt_column,
         chosen_column=chosen_column, rejected_column=rejected_column, id_column=id_column,
         cache=not no_cache, cache_dir=cache_dir, data_format=data_format, group_by=group_by,
+        binarize_seed=binarize_seed, chat_template=chat_template, compat=compat, max_prompt_length=max_prompt_length,
+        ches=ches, high_ches_share=high_ches_share,
     )  # fmt: skip
     plan = prepare("compare", run_mode("compare", True), min_rules, max_rules, gate_file, baseline)
     with ProgressBars(quiet) as progress:
