@@ -158,3 +158,52 @@ def _restore_logging():
     root.setLevel(saved[0])
     root.handlers[:] = saved[1]
     ours.setLevel(saved[2])
+
+
+def invalid_summaries(root: Path) -> list[str]:
+    """'path: error' for every summary.json prefdiag wrote under root (one with junit.xml beside it: RunResult.write
+    writes both, always) that does not satisfy the published JSON Schema. A summary.json a test wrote by hand, to
+    plant a bad one, has no junit.xml beside it and is left alone."""
+    import jsonschema
+
+    from prefdiag.schemas import summary_schema
+
+    validator = jsonschema.Draft202012Validator(summary_schema())
+    problems = []
+    for path in sorted(root.rglob("summary.json")):
+        if not (path.parent / "junit.xml").is_file():
+            continue
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            problems.append(f"{path}: {exc}")
+            continue
+        for error in validator.iter_errors(summary):
+            where = "/".join(map(str, error.absolute_path)) or "(top)"
+            problems.append(f"{path}: {where}: {error.message[:300]}")
+    return problems
+
+
+@pytest.fixture(autouse=True)
+def _summaries_match_the_schema(request):
+    """After each test, every summary.json prefdiag wrote under the test's tmp_path satisfies the summary schema."""
+    if "tmp_path" not in request.fixturenames:
+        yield
+        return
+    tmp_path = request.getfixturevalue("tmp_path")  # asked for before the test: torn down after this check
+    yield
+    problems = invalid_summaries(tmp_path)
+    if problems:
+        pytest.fail("summary.json does not match prefdiag/schemas/summary.schema.json:\n" + "\n".join(problems[:20]),
+                    pytrace=False)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_summaries_match_the_schema(tmp_path_factory):
+    """At the end of the session, the same check over every directory the session's fixtures made (module- and
+    session-scoped runs included)."""
+    yield
+    problems = invalid_summaries(tmp_path_factory.getbasetemp())
+    if problems:
+        pytest.fail("summary.json does not match prefdiag/schemas/summary.schema.json:\n" + "\n".join(problems[:20]),
+                    pytrace=False)

@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 import typer
 
 from prefdiag.cli import _options as o
-from prefdiag.cli.scoring_commands import _options, handles_errors
+from prefdiag.cli._errors import handles_errors
+from prefdiag.cli.scoring_commands import _options
+from prefdiag.options import DEFAULT_BETA
 
 CleanOutput = Annotated[
     str,
@@ -26,8 +28,6 @@ FromRun = Annotated[
                  "pair_id) instead of computing them."),
 ]  # fmt: skip
 
-OptionalPolicy = Annotated[Optional[str], typer.Option("--policy", "-p", help="DPO-trained policy, for its flags.")]
-
 
 @handles_errors
 def clean(
@@ -36,8 +36,8 @@ def clean(
     rule: Rule = None,
     from_run: FromRun = None,
     reference: o.OptionalReference = None,
-    policy: OptionalPolicy = None,
-    beta: o.Beta = 0.1,
+    policy: o.OptionalPolicy = None,
+    beta: o.Beta = DEFAULT_BETA,
     max_length: o.MaxLength = None,
     dtype: o.DtypeOpt = o.Dtype.auto,
     device: o.DeviceOpt = o.Device.auto,
