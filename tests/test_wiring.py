@@ -192,9 +192,11 @@ def test_pairs_over_trl_default_max_length_are_counted_and_noted(model_dirs, tmp
     [note] = summary["tokenization_notes"]
     assert "1 pair exceeds 1024 tokens" in note and "--max-length 1024" in note
     assert f"note: {note}" in " ".join(result.stdout.split())
-    capped = invoke("audit", data, "-r", model_dirs["llama"], "--device", "cpu", "--max-length", "1024", "-f", "json")
+    capped = invoke("audit", data, "-r", model_dirs["llama"], "--device", "cpu", "--max-length", "1024", "-f", "json",
+                    "-o", tmp_path / "capped")  # fmt: skip
     assert capped.exit_code == 0, capped.output
     summary = json.loads(capped.stdout)
+    assert json.loads((tmp_path / "capped" / "summary.json").read_text()) == summary
     assert summary["n_over_trl_default_max_length"] is None and summary["tokenization_notes"] == []
 
 
@@ -209,11 +211,13 @@ def test_binarize_seed_picks_the_rejected_completion(tmp_path):
     path = rated_file(tmp_path)
     rejected = {}
     for seed in range(6):
-        result = invoke("audit", path, "--data-format", "rated", "--binarize-seed", seed, "-q", "-o", tmp_path / str(seed))
+        out = tmp_path / str(seed)
+        result = invoke("audit", path, "--data-format", "rated", "--binarize-seed", seed, "-q", "-o", out)
         assert result.exit_code == 0, result.output
-        table = pd.read_parquet(tmp_path / str(seed) / "pairs.parquet")
+        table = pd.read_parquet(out / "pairs.parquet")
         rejected[seed] = table["rejected"].tolist()
-        assert rejected[seed] == load_pairs(str(path), data_format="rated", binarize_seed=seed).table["rejected"].tolist()
+        loaded = load_pairs(str(path), data_format="rated", binarize_seed=seed)
+        assert rejected[seed] == loaded.table["rejected"].tolist()
         assert table["chosen"].tolist() == [" answer 5."]
     assert len({tuple(v) for v in rejected.values()}) > 1
 
