@@ -72,3 +72,19 @@ def test_every_escaped_literal_reaches_some_help():
     escaped = set(re.findall(r"\\\\(\[[^\]]+\])", sources))
     shown = " ".join(" ".join(_help(command).split()) for command in COMMANDS)
     assert escaped and all(literal in shown for literal in escaped), escaped
+
+
+@pytest.mark.parametrize("command, argument", [("audit", "DATA"), ("compare", "DATA"), ("clean", "DATA"),
+                                               ("gate", "RUN")])  # fmt: skip
+def test_usage_line_names_the_argument_without_braces(command, argument):
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    usage = next(line for line in result.stdout.splitlines() if "Usage:" in line)
+    assert usage.split()[-1] == argument and "{" not in usage, usage
+
+
+def test_clean_help_shows_no_bool_metavar_and_is_listed():
+    text = _help("clean")
+    assert [line for line in text.splitlines() if "<bool>" in line and "--help" not in line] == []
+    listed = runner.invoke(app, ["--help"], env={"COLUMNS": "200"})
+    assert listed.exit_code == 0 and "clean" in listed.stdout

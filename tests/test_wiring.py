@@ -276,15 +276,6 @@ def test_clean_is_a_prefdiag_command(tmp_path):
     assert bad.exit_code == 2 and len(bad.stderr.splitlines()) <= 2 and not (tmp_path / "x.jsonl").exists()
 
 
-@pytest.mark.parametrize("command, argument", [("audit", "DATA"), ("compare", "DATA"), ("clean", "DATA"),
-                                               ("gate", "RUN")])  # fmt: skip
-def test_usage_line_names_the_argument_without_braces(command, argument):
-    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
-    assert result.exit_code == 0, result.output
-    usage = next(line for line in result.stdout.splitlines() if "Usage:" in line)
-    assert usage.split()[-1] == argument and "{" not in usage, usage
-
-
 def test_click_abort_is_one_line_and_exit_130():
     from prefdiag.cli._errors import OneLineErrors
 

@@ -103,9 +103,9 @@ BinarizeSeed = Annotated[
 Ches = Annotated[
     bool,
     typer.Option(
-        "--ches/--no-ches", metavar="",
+        "--ches/--no-ches", metavar="", show_default=False,
         help="CHES (centered hidden embedding similarity) from the reference pass, no extra forward pass: which "
-        "pairs DPO is likely to push the chosen answer's likelihood down on.",
+        "pairs DPO is likely to push the chosen answer's likelihood down on. On by default.",
     ),
 ]  # fmt: skip
 HighChesShare = Annotated[
