@@ -79,6 +79,10 @@ class RunOptions:
         _choice("--device", self.device, DEVICES)
         _choice("--layout", self.layout, LAYOUTS)
         _choice("--compat", self.compat, COMPAT)
+        if self.max_prompt_length is not None and (self.compat == "trl1" or self.max_prompt_length < 1):
+            raise UsageError("--max-prompt-length must be a positive number of tokens, and applies to --compat trl0 "
+                             f"and rewardbench only (TRL 1.x has no prompt limit); got {self.max_prompt_length} "
+                             f"with {self.compat}")  # fmt: skip
         if not 0.0 <= self.high_ches_share <= 1.0:  # NaN fails too
             raise UsageError(f"--high-ches-share must be between 0 and 1, got {self.high_ches_share}")
         if not self.beta > 0:

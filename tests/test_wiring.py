@@ -180,6 +180,14 @@ def test_compat_trl0_changes_the_scheme_and_max_prompt_length_applies(model_dirs
     assert bad.exit_code == 2 and len(bad.stderr.splitlines()) == 1 and "trl2" in bad.stderr
 
 
+def test_max_prompt_length_with_trl1_is_refused_before_anything_loads(tmp_path):
+    result = invoke("audit", tmp_path / "missing.jsonl", "-r", tmp_path / "no-model", "--max-prompt-length", "8")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == ["Error: --max-prompt-length must be a positive number of tokens, and applies "
+                                          "to --compat trl0 and rewardbench only (TRL 1.x has no prompt limit); got 8 "
+                                          "with trl1"]  # fmt: skip
+
+
 def test_pairs_over_trl_default_max_length_are_counted_and_noted(model_dirs, tmp_path):
     rows = make_pairs(3)
     rows[1]["chosen"] = " " + " ".join(["the cat is very happy and the dog is sad"] * 120) + "."

@@ -90,7 +90,10 @@ DataFormatOpt = Annotated[
         "--data-format",
         help="How the pairs are shaped. auto: detect. standard: strings (an implicit prompt is split off as TRL's "
         "extract_prompt does). conversational: lists of {role, content} messages (also JSON-encoded, as in CSV). "
-        "hh: Anthropic HH transcripts, split after the last shared '\\n\\nAssistant:'.",
+        "hh: Anthropic HH transcripts, split after the last shared '\\n\\nAssistant:'. rated: a prompt with rated "
+        "completions (UltraFeedback), the best chosen and a random lower-rated one rejected (--binarize-seed); "
+        "rated-best-worst: the worst rejected. shp: two responses with a label or scores (SHP). kto: unpaired rows, "
+        "detected and refused.",
     ),
 ]
 BinarizeSeed = Annotated[
