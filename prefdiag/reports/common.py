@@ -13,7 +13,7 @@ import pandas as pd
 
 from prefdiag import flags
 from prefdiag.diagnostics import PairList, pair_lists, worst_pairs
-from prefdiag.formatting import base_name, format_value, is_rate, plural  # noqa: F401 (re-exported)
+from prefdiag.formatting import format_value, plural  # format_value is re-exported for the writers
 from prefdiag.gate import OPS
 
 _MODEL_FLAGS = [f for f in flags.FLAGS if f.kind in ("reference", "policy") and f.name != "non_finite"]
