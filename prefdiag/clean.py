@@ -11,8 +11,6 @@ removes nothing (one copy of each duplicate stays)."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ import pandas as pd
 
 from prefdiag import checks
 from prefdiag.data import ColumnMap, PairData, load_pairs
-from prefdiag.data.writeback import input_kind, write_rows
+from prefdiag.data.writeback import input_kind, write_file_atomically, write_rows
 from prefdiag.errors import DataError, UsageError
 
 DEFAULT_RULES = ("identical", "empty_response", "empty_prompt", "boundary_mismatch", "duplicate", "conflict")
@@ -196,11 +194,4 @@ def _write_manifest(
         ],
     }
     text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
-    handle, temporary = tempfile.mkstemp(prefix=f".{result.manifest.name}.", dir=result.manifest.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(temporary, result.manifest)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_file_atomically(result.manifest, lambda out: out.write(text.encode("utf-8")))

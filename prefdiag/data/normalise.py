@@ -1,5 +1,5 @@
-"""Normalisation and validation: the raw rows (Arrow or Python objects) become the pairs table ``pair_id, prompt,
-chosen, rejected`` plus extra columns, every fault named by row and column."""
+"""Normalisation: the raw rows (Arrow or Python objects) become the pairs table ``pair_id, prompt, chosen, rejected``
+plus extra columns; a missing column, a bad id or a column of the wrong kind is named (checks in data.validate)."""
 
 from __future__ import annotations
 
