@@ -99,7 +99,8 @@ def _write_json(source: Path, output: Path, keep: np.ndarray) -> None:
         lengths = {len(v) for v in payload.values()}
         _check_count(source, lengths.pop(), keep)
         result = {name: [v for v, k in zip(values, keep) if k] for name, values in payload.items()}
-    write_file_atomically(output, lambda out: out.write(json.dumps(result, ensure_ascii=False, indent=1).encode("utf-8")))
+    text = json.dumps(result, ensure_ascii=False, indent=1)
+    write_file_atomically(output, lambda out: out.write(text.encode("utf-8")))
 
 
 def _write_csv(source: Path, output: Path, keep: np.ndarray) -> None:
