@@ -309,20 +309,25 @@ def pair_lists(table: pd.DataFrame, n: int = 10) -> list[PairList]:
             rows = rows.loc[key[mask].sort_values(kind="stable", na_position="last").index]
         lists.append(PairList(list_id, title, order, int(mask.sum()), rows.head(n)))
 
+    def add_flag(flag: str, what: str, key: pd.Series, order: str) -> None:
+        """The pairs a flag marks, titled with its label (the registry's) and what that means."""
+        label = flags.label(flag)
+        add(flag, f"{label[:1].upper()}{label[1:]}: {what}", table[flag], key, order)
+
     if "non_finite" in table.columns:
         add("non_finite", "Pairs with a NaN or infinite log-prob (left out of every rate)", table["non_finite"], None,
             "table order")  # fmt: skip
     if has_policy(table):
-        add("negative_margin_regime", "Negative-margin regime: reward margin > 0 but the policy prefers rejected",
-            table["negative_margin_regime"], table["policy_margin_per_token"], "policy margin per token, lowest first")
-        add("likely_mislabeled", "Likely mislabeled: the implicit reward still prefers rejected",
-            table["likely_mislabeled"], _per_token_reward(table), "reward margin per token, lowest first")
+        add_flag("negative_margin_regime", "reward margin > 0 but the policy prefers rejected",
+                 table["policy_margin_per_token"], "policy margin per token, lowest first")
+        add_flag("likely_mislabeled", "the implicit reward still prefers rejected", _per_token_reward(table),
+                 "reward margin per token, lowest first")
         broken = (table["ref_margin"] > 0) & (table["policy_margin"] <= 0) & scored_pairs(table)
         add("broken_by_training", "Broken by training: the reference ranked these correctly, the policy does not",
             broken, table["policy_margin_per_token"], "policy margin per token, lowest first")  # fmt: skip
     elif has_reference(table):
-        add("ref_prefers_rejected", "Reference prefers rejected: DPO starts these on the wrong side",
-            table["ref_prefers_rejected"], table["ref_margin_per_token"], "reference margin per token, lowest first")
+        add_flag("ref_prefers_rejected", "DPO starts these on the wrong side", table["ref_margin_per_token"],
+                 "reference margin per token, lowest first")
     problems = [f for f in HARD_DATA_FLAGS if f in table.columns]
     if problems:
         flagged = table[problems].astype(bool)

@@ -63,16 +63,17 @@ KEY_METRICS = [
     "flip_rate",
     "break_rate",
 ]
-# Short column headers for the per-group table (terminal and HTML).
+# Short column headers for the per-group table (terminal and HTML); a flag rate is headed by the registry's label
+# unless that is too wide for an 80-column log.
 GROUP_HEADERS = {
     "n_pairs": "pairs",
     "reward_accuracy": "reward acc.",
     "ranking_accuracy": "rank acc.",
     "ref_ranking_accuracy": "ref rank acc.",
     "negative_margin_regime_rate": "neg. margin",
-    "chosen_displaced_rate": "chosen displaced",
+    "chosen_displaced_rate": flags.label("chosen_displaced"),
     "ref_prefers_rejected_rate": "ref prefers rejected",
-    "likely_mislabeled_rate": "likely mislabeled",
+    "likely_mislabeled_rate": flags.label("likely_mislabeled"),
     "mean_dpo_loss": "mean loss",
     "mean_reward_margin": "mean reward margin",
     "mean_ref_margin": "mean ref margin (nats)",
