@@ -44,10 +44,12 @@ def softplus(x: np.ndarray) -> np.ndarray:
 
 
 def has_policy(table: pd.DataFrame) -> bool:
+    """The table holds the policy's log-probs."""
     return "policy_chosen_logp" in table.columns
 
 
 def has_reference(table: pd.DataFrame) -> bool:
+    """The table holds the reference's log-probs."""
     return "ref_chosen_logp" in table.columns
 
 

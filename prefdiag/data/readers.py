@@ -21,6 +21,7 @@ COMPRESSIONS = (".gz", ".bz2", ".zst")  # around a text format, e.g. HH-RLHF's t
 
 
 def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, in hex (read in 1 MiB blocks)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

@@ -81,7 +81,6 @@ GROUP_HEADERS = {
     "flip_rate": "fixed",
     "break_rate": "broken",
 }
-STATUS = {"pass": "pass", "fail": "FAIL", "warn": "warn"}
 ID_LIMIT = 80  # characters of a pair id or group value shown
 TEXT_LIMIT = 4000  # characters of a prompt or response shown in a report
 
@@ -98,6 +97,8 @@ def metric_label(name: str) -> str:
 
 @dataclass
 class GateRow:
+    """One gate rule's result as every report shows it."""
+
     status: str  # pass, fail or warn
     metric: str
     condition: str  # ">= 60.0%"
@@ -113,6 +114,7 @@ class GateRow:
 
 
 def gate_rows(summary: dict[str, Any]) -> list[GateRow]:
+    """One row per gate rule of the summary, in the gate's order."""
     rows = []
     for rule in (summary.get("gate") or {}).get("rules", []):
         metric = rule["metric"]
@@ -242,20 +244,6 @@ def pair_sections(table: pd.DataFrame | None, n: int) -> list[PairList]:
             sections = [PairList("lowest_margin", title, f"{column.replace('_', ' ')} per token, lowest first",
                                  len(table), rows)]  # fmt: skip
     return sections
-
-
-def pairs_to_show(table: pd.DataFrame | None, n: int) -> tuple[str, pd.DataFrame | None]:
-    """(title, rows): the worst pairs when a model was scored, else the pairs a data check flagged."""
-    if table is None:
-        return "", None
-    worst = worst_pairs(table, n)
-    if len(worst):
-        return f"Worst {len(worst)} pairs", worst
-    flags = [c for c in DATA_FLAG_LABELS if c in table.columns and table[c].dtype == bool]
-    if not flags:
-        return "", None
-    flagged = table[table[flags].any(axis=1)].head(n)
-    return (f"First {len(flagged)} flagged pairs", flagged) if len(flagged) else ("", None)
 
 
 def flag_labels(row: pd.Series, labels: dict[str, str]) -> list[str]:

@@ -29,6 +29,8 @@ W, H, PAD_L, PAD_B, PAD_T, PAD_R = 480, 300, 52, 40, 12, 12
 
 @dataclass
 class Plot:
+    """One figure of the HTML report: inline SVG with its title, caption and alt text."""
+
     title: str
     caption: str
     svg: str

@@ -174,6 +174,7 @@ def _print_baseline(console: Console, summary: dict[str, Any]) -> None:
 
 
 def gate_table(summary: dict[str, Any]) -> Table | None:
+    """The gate's rules and results as a table (None when no rule was set)."""
     rows = gate_rows(summary)
     if not rows:
         return None
