@@ -253,3 +253,21 @@ def flag_labels(row: pd.Series, labels: dict[str, str]) -> list[str]:
 
 def _true(value: Any) -> bool:
     return isinstance(value, (bool, np.bool_)) and bool(value)
+
+
+def provenance_rows(provenance: dict[str, Any]) -> list[tuple[str, str]]:
+    """(what, where it came from) for the models, the dataset, the tokenization and prefdiag's version."""
+    items = []
+    for key in ("reference", "policy"):
+        model = provenance.get(key)
+        if isinstance(model, dict):
+            items.append((key, f"{model.get('name')} ({model.get('dtype')} on {model.get('device')})"))
+    dataset = provenance.get("dataset")
+    if isinstance(dataset, dict):
+        items.append(("dataset", f"{dataset.get('source')} (sha256 {str(dataset.get('content_sha256'))[:12]})"))
+    tokenization = provenance.get("tokenization")
+    if isinstance(tokenization, dict):
+        items.append(("tokenization", f"{tokenization.get('scheme')}, max_length {tokenization.get('max_length')}"))
+    if provenance.get("prefdiag_version"):
+        items.append(("prefdiag", str(provenance["prefdiag_version"])))
+    return items

@@ -21,6 +21,7 @@ from prefdiag.reports.common import (
     metric_rows,
     one_line,
     pair_sections,
+    provenance_rows,
 )
 
 MARKS = {"pass": "✅ pass", "fail": "❌ **FAIL**", "warn": "⚠️ warn"}
@@ -109,16 +110,8 @@ def render_markdown(table: pd.DataFrame | None, summary: dict[str, Any], n_worst
             else:
                 values = " | ".join(f"{row[c]:.3f}" for c in numbers)
             lines.append(f"| {_cell(row['pair_id'], 24)} | {values} | {_cell(row.get('prompt', ''), 60)} |")
-    provenance = summary.get("provenance", {})
     lines += ["", "## Provenance", ""]
-    for key in ("reference", "policy"):
-        if key in provenance:
-            model = provenance[key]
-            lines.append(f"- {key}: {md(model.get('name'))} ({md(model.get('dtype'))} on {md(model.get('device'))})")
-    dataset = provenance.get("dataset", {})
-    if dataset:
-        lines.append(f"- dataset: {md(dataset.get('source'))} (sha256 {md(str(dataset.get('content_sha256'))[:12])})")
-    lines.append(f"- prefdiag {md(provenance.get('prefdiag_version', ''))}")
+    lines += [f"- {key}: {md(text)}" for key, text in provenance_rows(summary.get("provenance") or {})]
     return "\n".join(lines) + "\n"
 
 
