@@ -14,8 +14,7 @@ from typing import Any
 import pandas as pd
 
 from prefdiag.errors import UsageError
-
-TABLE_FORMATS = ("parquet", "csv", "jsonl")
+from prefdiag.options import TABLE_FORMATS  # defined once, in options
 
 
 def clean_json(value: Any) -> Any:
