@@ -55,7 +55,7 @@ def is_conversation(value: Any) -> bool:
     return isinstance(value, list) and len(value) > 0 and isinstance(value[0], dict) and "role" in value[0]
 
 
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+def common_token_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Number of leading tokens a and b share."""
     n = min(len(a), len(b))
     for i in range(n):
@@ -139,6 +139,7 @@ def tokenize_pairs(
         "documents_not_rendered": count_present(documents),
         "n_over_trl_default_max_length": over,
     }
+
     def column(name: str, dtype) -> np.ndarray:
         return np.asarray(parts[name], dtype=dtype).reshape(n)
 
@@ -225,7 +226,7 @@ def _tokenize_trl1(tokenizer, prompts, chosen, rejected, conversational, kwargs,
                                             "mismatch", "truncated", "dropped")}
     for i in range(n):
         p = prompt_ids[i]
-        prompt_len = min(common_prefix_length(p, full_chosen[i]), common_prefix_length(p, full_rejected[i]))
+        prompt_len = min(common_token_prefix(p, full_chosen[i]), common_token_prefix(p, full_rejected[i]))
         c, r = full_chosen[i][prompt_len:], full_rejected[i][prompt_len:]
         out["mismatch"].append(prompt_len < len(p))
         out["chosen_full"].append(len(c))
