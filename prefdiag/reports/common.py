@@ -81,6 +81,9 @@ GROUP_HEADERS = {
     "flip_rate": "fixed",
     "break_rate": "broken",
 }
+# How a gate rule's result is marked in the terminal and HTML (Markdown uses emoji GitHub renders).
+STATUS_SYMBOLS = {"pass": "✓", "fail": "✗", "warn": "!"}
+STATUS_WORDS = {"pass": "pass", "fail": "FAIL", "warn": "warn"}
 ID_LIMIT = 80  # characters of a pair id or group value shown
 TEXT_LIMIT = 4000  # characters of a prompt or response shown in a report
 
@@ -111,6 +114,16 @@ class GateRow:
     def name(self) -> str:
         """The metric as shown: cleaned, and cut when a group value makes it long."""
         return short(self.metric, 200)
+
+    @property
+    def symbol(self) -> str:
+        """✓, ✗ or ! (pass, fail, warn)."""
+        return STATUS_SYMBOLS[self.status]
+
+    @property
+    def mark(self) -> str:
+        """The symbol and the word: "✓ pass", "✗ FAIL", "! warn"."""
+        return f"{self.symbol} {STATUS_WORDS[self.status]}"
 
 
 def gate_rows(summary: dict[str, Any]) -> list[GateRow]:
