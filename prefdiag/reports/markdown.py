@@ -25,6 +25,7 @@ from prefdiag.reports.common import (
 )
 
 MARKS = {"pass": "✅ pass", "fail": "❌ **FAIL**", "warn": "⚠️ warn"}
+# The per-pair numbers a list of pairs shows, in this order, headed with their units.
 _HEADERS = {"ref_margin": "ref margin (nats)", "policy_margin": "policy margin (nats)",
             "reward_margin": "reward margin (beta x nats)", "dpo_loss": "DPO loss"}  # fmt: skip
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
@@ -99,7 +100,7 @@ def render_markdown(table: pd.DataFrame | None, summary: dict[str, Any], n_worst
         lines += ["", "## Worst pairs, by finding"]
     for section in sections:
         worst = section.rows
-        numbers = [c for c in ("ref_margin", "policy_margin", "reward_margin", "dpo_loss") if c in worst.columns]
+        numbers = [c for c in _HEADERS if c in worst.columns]
         headers = [_HEADERS[c] for c in numbers] or ["flags"]
         lines += ["", f"### {md(section.title)}", "", f"{len(worst)} of {section.n} pairs, by {md(section.order)}.",
                   "", "| pair | " + " | ".join(headers) + " | prompt |"]  # fmt: skip
