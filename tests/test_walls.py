@@ -98,7 +98,8 @@ def test_no_import_circle_among_top_level_imports():
     graph = {}
     for name, path in modules.items():
         # A submodule's import of its own package (``from prefdiag.cli import _options``) is no circle.
-        graph[name] = {m for m in _imports(path, top_level_only=True) if m in modules and m != name and not name.startswith(m + ".")}
+        imported = _imports(path, top_level_only=True)
+        graph[name] = {m for m in imported if m in modules and m != name and not name.startswith(m + ".")}
     done: set[str] = set()
 
     def visit(name: str, stack: list[str]) -> None:
