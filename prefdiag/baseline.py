@@ -19,6 +19,7 @@ from prefdiag import __version__
 from prefdiag.diagnostics import SCHEMA_VERSION
 from prefdiag.errors import DataError
 from prefdiag.gate import metric_values
+from prefdiag.options import TABLE_FORMATS
 
 READABLE_SCHEMA_VERSIONS = (SCHEMA_VERSION,)  # the summary.json schema versions gate and --baseline accept
 LISTED_PAIRS = 50  # regressed / fixed pairs listed in summary.json (all are marked in the pairs table)
@@ -51,7 +52,7 @@ def load_run(path: Path) -> SavedRun:
         raise DataError(f"{summary_path}: not a prefdiag summary.json (no n_pairs)")
     check_schema_version(summary, summary_path)
     pairs = None
-    for fmt in ("parquet", "csv", "jsonl"):
+    for fmt in TABLE_FORMATS:  # the formats a run writes its pairs table in
         table_path = summary_path.parent / f"pairs.{fmt}"
         if table_path.is_file():
             pairs = _read_table(table_path, fmt)

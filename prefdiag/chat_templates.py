@@ -78,34 +78,31 @@ def row_template_kwargs(
     ``{"tools": tools, **chat_template_kwargs}``, a JSON string in ``tools`` decoded first. Rows without either
     give ``{}`` (the template then renders exactly as without the columns)."""
     kwargs: dict[str, Any] = {}
-    value = None if tools is None else tools[row]
-    if not _missing(value):
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"row {row + 1}, column 'tools': not valid JSON ({exc.msg})") from None
-        if hasattr(value, "tolist") and not isinstance(value, (list, dict)):  # a numpy array from a parquet column
-            value = value.tolist()
-        if not isinstance(value, list):
-            raise DataError(f"row {row + 1}, column 'tools': expected a list of function schemas, "
-                            f"got {type(value).__name__}")
+    value = _cell(tools, row, "tools", list, "a list of function schemas")
+    if value is not None:
         kwargs["tools"] = value
-    extra = None if template_kwargs is None else template_kwargs[row]
-    if not _missing(extra):
-        if isinstance(extra, str):
-            try:
-                extra = json.loads(extra)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"row {row + 1}, column 'chat_template_kwargs': not valid JSON ({exc.msg})") from None
-        if not isinstance(extra, dict):
-            raise DataError(f"row {row + 1}, column 'chat_template_kwargs': expected a mapping, "
-                            f"got {type(extra).__name__}")
-        if kwargs:
-            kwargs = {**kwargs, **extra}  # TRL: {"tools": tools, **chat_template_kwargs}
-        else:
-            kwargs = dict(extra)
+    extra = _cell(template_kwargs, row, "chat_template_kwargs", dict, "a mapping")
+    if extra is not None:
+        kwargs = {**kwargs, **extra}  # TRL: {"tools": tools, **chat_template_kwargs}
     return kwargs
+
+
+def _cell(values: Sequence[Any] | None, row: int, column: str, kind: type, expected: str) -> Any:
+    """One row's value of a JSON column (None when missing): a JSON string decoded, a numpy array (a parquet
+    column) as a list, then checked to be of ``kind``."""
+    value = None if values is None else values[row]
+    if _missing(value):
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"row {row + 1}, column '{column}': not valid JSON ({exc.msg})") from None
+    if hasattr(value, "tolist") and not isinstance(value, (list, dict)):
+        value = value.tolist()
+    if not isinstance(value, kind):
+        raise DataError(f"row {row + 1}, column '{column}': expected {expected}, got {type(value).__name__}")
+    return value
 
 
 def count_present(values: Sequence[Any] | None) -> int:
@@ -143,11 +140,7 @@ def chat_ids(tokenizer, conversations: list[list[dict]], add_generation_prompt: 
             try:
                 render([conversation])
             except Exception as exc:
-                raise DataError(
-                    f"row {row + 1}: the chat template cannot render this conversation "
-                    f"({first_line(exc, with_type=True)})",
-                    hint="check the roles and content of that row, or pass --tokenizer with another chat template",
-                ) from None
+                raise _render_error(row, exc, "--tokenizer with another chat template") from None
         raise
 
 
@@ -156,7 +149,11 @@ def chat_text(tokenizer, conversation: list[dict], row: int, **kwargs) -> str:
     try:
         return tokenizer.apply_chat_template(conversation, tokenize=False, **kwargs)
     except Exception as exc:
-        raise DataError(
-            f"row {row + 1}: the chat template cannot render this conversation ({first_line(exc, with_type=True)})",
-            hint="check the roles and content of that row, or pass --chat-template with another template",
-        ) from None
+        raise _render_error(row, exc, "--chat-template with another template") from None
+
+
+def _render_error(row: int, exc: Exception, other: str) -> DataError:
+    return DataError(
+        f"row {row + 1}: the chat template cannot render this conversation ({first_line(exc, with_type=True)})",
+        hint=f"check the roles and content of that row, or pass {other}",
+    )

@@ -7,22 +7,21 @@ one ``role: content`` line per message, for equality (identical, duplicate, conf
 length count its messages' contents only, so a conversation scores as the same text in plain strings would. A
 message's other keys (``tool_calls``...) count as part of its content, written as JSON.
 
+Each check's label and one-line meaning are its flag's in the registry (prefdiag.flags); what that line leaves out:
+
 =================  =========================================================================================
-identical          chosen == rejected after whitespace normalisation
-near_identical     not identical, normalised Levenshtein similarity >= 0.9 (DPOP's failure mode, Pal et al.);
-                   ``near_identical_score`` is that similarity, 1 - distance / longer length, from 0.8 up
-                   (0 below: clearly different responses, whose exact distance would cost ten times more)
-duplicate          the same (prompt, chosen, rejected) appears more than once: every copy is flagged
-conflict           for the same prompt, a response chosen in one pair is rejected in another (which includes the
-                   two responses in both orders); a pair whose responses are identical states no preference, so
-                   it neither has nor causes a conflict
-reversed_pair      strict: another pair has the same prompt with the two responses swapped (B over A beside A over
-                   B). Consistent chains from binarised rankings (A > B, B > C: B is chosen once, rejected once) are
-                   a conflict but no reversed pair: gate on this one when such chains are expected
-empty_response     chosen or rejected is empty (a conversation: its messages' contents are)
-empty_prompt       the prompt is empty
-length_ratio       longer / shorter response > 4, in tokens when a model was run, else in characters;
-                   ``length_ratio_score`` is that ratio (NaN when a response is empty)
+near_identical     not identical; ``near_identical_score`` is the normalised Levenshtein similarity, 1 - distance /
+                   longer length, from 0.8 up (0 below: clearly different responses, whose exact distance would
+                   cost ten times more); flagged from 0.9 (Pal et al.)
+duplicate          every copy is flagged
+conflict           includes the two responses in both orders; a pair whose responses are identical states no
+                   preference, so it neither has nor causes a conflict
+reversed_pair      strict: B over A beside A over B. Consistent chains from binarised rankings (A > B, B > C: B is
+                   chosen once, rejected once) are a conflict but no reversed pair: gate on this one when such
+                   chains are expected
+empty_response     a conversation is empty when its messages' contents are
+length_ratio       in tokens when a model was run, else in characters; ``length_ratio_score`` is longer / shorter
+                   (NaN when a response is empty)
 =================  =========================================================================================
 
 Pure numpy/pandas/pyarrow and rapidfuzz, no torch. Everything is linear in the number of pairs: text is processed

@@ -11,8 +11,6 @@ removes nothing (one copy of each duplicate stays)."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +20,8 @@ import pandas as pd
 
 from prefdiag import checks
 from prefdiag.data import ColumnMap, PairData, load_pairs
-from prefdiag.data.writeback import input_kind, write_rows
-from prefdiag.errors import DataError, UsageError
+from prefdiag.data.writeback import input_kind, write_file_atomically, write_rows
+from prefdiag.errors import DataError, UsageError, first_line
 
 DEFAULT_RULES = ("identical", "empty_response", "empty_prompt", "boundary_mismatch", "duplicate", "conflict")
 TOKENIZER_RULES = ("boundary_mismatch", "truncated", "dropped")  # flags a tokenizer gives
@@ -128,7 +126,7 @@ def _saved_run(data: PairData, out_dir: Path) -> pd.DataFrame:
         else:
             pairs = pd.read_csv(path, dtype={"pair_id": str}, keep_default_na=False)
     except Exception as exc:  # a corrupt table: pandas and pyarrow raise many types
-        raise DataError(f"{path}: not a readable per-pair table: {str(exc).splitlines()[0]}") from None
+        raise DataError(f"{path}: not a readable per-pair table: {first_line(exc)}") from None
     if "pair_id" not in pairs.columns:
         raise DataError(f"{path}: no pair_id column to join the data by")
     pairs["pair_id"] = pairs["pair_id"].astype(str)
@@ -196,11 +194,4 @@ def _write_manifest(
         ],
     }
     text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
-    handle, temporary = tempfile.mkstemp(prefix=f".{result.manifest.name}.", dir=result.manifest.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(temporary, result.manifest)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_file_atomically(result.manifest, lambda out: out.write(text.encode("utf-8")))

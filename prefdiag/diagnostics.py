@@ -44,10 +44,12 @@ def softplus(x: np.ndarray) -> np.ndarray:
 
 
 def has_policy(table: pd.DataFrame) -> bool:
+    """The table holds the policy's log-probs."""
     return "policy_chosen_logp" in table.columns
 
 
 def has_reference(table: pd.DataFrame) -> bool:
+    """The table holds the reference's log-probs."""
     return "ref_chosen_logp" in table.columns
 
 
@@ -156,83 +158,76 @@ def summarize(table: pd.DataFrame, beta: float) -> dict[str, Any]:
     hard = [flag for flag in HARD_DATA_FLAGS if flag in table.columns]
     if hard:
         summary["n_data_problems"] = int(table[hard].astype(bool).any(axis=1).sum())
-    if not has_reference(table):
-        _add_examples(summary, table)
-        return summary
-    scored = scored_pairs(table)
+    if has_reference(table):
+        scored = scored_pairs(table)
+        t = table[scored]
+        length_diff = (t["chosen_tokens"] - t["rejected_tokens"]).astype(float)
+        _reference_metrics(summary, table, scored, beta)
+        quantiles = {"ref_margin": _quantiles(t["ref_margin"])}
+        if has_policy(table):
+            _policy_metrics(summary, table, scored)
+            summary["reward_margin_length_correlation"] = _correlation(t["reward_margin"], length_diff)
+            quantiles.update({c: _quantiles(t[c]) for c in ("policy_margin", "reward_margin", "dpo_loss")})
+        else:
+            summary["ref_margin_length_correlation"] = _correlation(t["ref_margin"], length_diff)
+        summary["quantiles"] = quantiles
+    _add_examples(summary, table)
+    return summary
+
+
+def _share(mask: pd.Series) -> float | None:
+    """The share of True values (None for no pairs)."""
+    return float(mask.mean()) if len(mask) else None
+
+
+def _reference_metrics(summary: dict[str, Any], table: pd.DataFrame, scored: pd.Series, beta: float) -> None:
+    """What the reference's log-probs alone tell, on the scored pairs (non-finite counts on all of them)."""
     summary["n_scored"] = int(scored.sum())
     if "non_finite" in table.columns:
-        bad = non_finite_by_model(table)
         summary["n_non_finite"] = int(table["non_finite"].sum())
-        for model, mask in bad.items():
+        for model, mask in non_finite_by_model(table).items():
             summary[f"n_non_finite_{model}"] = int(mask.sum())
         not_dropped = int((~table["dropped"].astype(bool)).sum()) if "dropped" in table.columns else len(table)
         summary["non_finite_rate"] = summary["n_non_finite"] / not_dropped if not_dropped else None
     t = table[scored]
-    ref_correct = t["ref_margin"] > 0
-    summary["ref_ranking_accuracy"] = float(ref_correct.mean()) if len(t) else None
-    summary["idealised_ranking_accuracy"] = (
-        float((t["ref_margin"] > -math.log(UNANIMOUS_SHARE / (1 - UNANIMOUS_SHARE)) / beta).mean()) if len(t) else None
-    )
-    summary["mean_ref_margin"] = _mean(t["ref_margin"])
-    summary["mean_ref_margin_per_token"] = _mean(t["ref_margin_per_token"])
-    summary["mean_ref_chosen_logp"] = _mean(t["ref_chosen_logp"])
-    summary["mean_ref_rejected_logp"] = _mean(t["ref_rejected_logp"])
-    summary["mean_chosen_tokens"] = _mean(t["chosen_tokens"].astype(float))
-    summary["mean_rejected_tokens"] = _mean(t["rejected_tokens"].astype(float))
-    summary["chosen_longer_rate"] = float((t["chosen_tokens"] > t["rejected_tokens"]).mean()) if len(t) else None
-    length_diff = (t["chosen_tokens"] - t["rejected_tokens"]).astype(float)
+    summary["ref_ranking_accuracy"] = _share(t["ref_margin"] > 0)
+    unanimous_margin = -math.log(UNANIMOUS_SHARE / (1 - UNANIMOUS_SHARE)) / beta
+    summary["idealised_ranking_accuracy"] = _share(t["ref_margin"] > unanimous_margin)
+    for column in ("ref_margin", "ref_margin_per_token", "ref_chosen_logp", "ref_rejected_logp"):
+        summary[f"mean_{column}"] = _mean(t[column])
+    for column in ("chosen_tokens", "rejected_tokens"):
+        summary[f"mean_{column}"] = _mean(t[column].astype(float))
+    summary["chosen_longer_rate"] = _share(t["chosen_tokens"] > t["rejected_tokens"])
     _flag_rates(summary, table, REFERENCE_FLAGS, scored)
-    quantiles = {"ref_margin": _quantiles(t["ref_margin"])}
-    if not has_policy(table):
-        summary["ref_margin_length_correlation"] = _correlation(t["ref_margin"], length_diff)
-        summary["quantiles"] = quantiles
-        _add_examples(summary, table)
-        return summary
 
-    policy_correct = t["policy_margin"] > 0
-    summary["reward_accuracy"] = float((t["reward_margin"] > 0).mean()) if len(t) else None
-    summary["ranking_accuracy"] = float(policy_correct.mean()) if len(t) else None
+
+def _policy_metrics(summary: dict[str, Any], table: pd.DataFrame, scored: pd.Series) -> None:
+    """Accuracies, means, flag rates and ranking transitions from reference to policy, on the scored pairs."""
+    t = table[scored]
+    ref_correct, policy_correct = t["ref_margin"] > 0, t["policy_margin"] > 0
+    summary["reward_accuracy"] = _share(t["reward_margin"] > 0)
+    summary["ranking_accuracy"] = _share(policy_correct)
     # Yang et al. 2026 measure absolute preference on mean per-token log-probs; strict, as ranking_accuracy.
-    summary["ranking_accuracy_per_token"] = float((t["policy_margin_per_token"] > 0).mean()) if len(t) else None
+    summary["ranking_accuracy_per_token"] = _share(t["policy_margin_per_token"] > 0)
     unchanged = (t["chosen_logratio"].abs() <= UNCHANGED_NATS) & (t["rejected_logratio"].abs() <= UNCHANGED_NATS)
-    summary["policy_unchanged_rate"] = float(unchanged.mean()) if len(t) else None
-    summary["mean_dpo_loss"] = _mean(t["dpo_loss"])
-    summary["mean_reward_margin"] = _mean(t["reward_margin"])
-    summary["mean_reward_chosen"] = _mean(t["reward_chosen"])
-    summary["mean_reward_rejected"] = _mean(t["reward_rejected"])
-    summary["mean_policy_margin"] = _mean(t["policy_margin"])
-    summary["mean_policy_margin_per_token"] = _mean(t["policy_margin_per_token"])
-    summary["mean_policy_chosen_logp"] = _mean(t["policy_chosen_logp"])
-    summary["mean_policy_rejected_logp"] = _mean(t["policy_rejected_logp"])
-    summary["mean_chosen_logratio"] = _mean(t["chosen_logratio"])
-    summary["mean_rejected_logratio"] = _mean(t["rejected_logratio"])
+    summary["policy_unchanged_rate"] = _share(unchanged)
+    for column in ("dpo_loss", "reward_margin", "reward_chosen", "reward_rejected", "policy_margin",
+                   "policy_margin_per_token", "policy_chosen_logp", "policy_rejected_logp", "chosen_logratio",
+                   "rejected_logratio"):  # fmt: skip
+        summary[f"mean_{column}"] = _mean(t[column])
     _flag_rates(summary, table, POLICY_FLAGS, scored)
     transitions = {
-        "ref_correct_to_policy_correct": int((ref_correct & policy_correct).sum()),
-        "ref_correct_to_policy_incorrect": int((ref_correct & ~policy_correct).sum()),
-        "ref_incorrect_to_policy_correct": int((~ref_correct & policy_correct).sum()),
-        "ref_incorrect_to_policy_incorrect": int((~ref_correct & ~policy_correct).sum()),
+        f"ref_{ref}_to_policy_{policy}": int((ref_mask & policy_mask).sum())
+        for ref, ref_mask in (("correct", ref_correct), ("incorrect", ~ref_correct))
+        for policy, policy_mask in (("correct", policy_correct), ("incorrect", ~policy_correct))
     }
     summary["transitions"] = transitions
-    misranked = int((~ref_correct).sum())
-    correct = int(ref_correct.sum())
+    misranked, correct = int((~ref_correct).sum()), int(ref_correct.sum())
     summary["flip_rate"] = transitions["ref_incorrect_to_policy_correct"] / misranked if misranked else None
     summary["break_rate"] = transitions["ref_correct_to_policy_incorrect"] / correct if correct else None
     moved = t["chosen_logratio"] != 0
     ratio = t["rejected_logratio"][moved] / t["chosen_logratio"][moved]
     summary["median_displacement_ratio"] = float(ratio.median()) if len(ratio) else None
-    summary["reward_margin_length_correlation"] = _correlation(t["reward_margin"], length_diff)
-    quantiles.update(
-        {
-            "policy_margin": _quantiles(t["policy_margin"]),
-            "reward_margin": _quantiles(t["reward_margin"]),
-            "dpo_loss": _quantiles(t["dpo_loss"]),
-        }
-    )
-    summary["quantiles"] = quantiles
-    _add_examples(summary, table)
-    return summary
 
 
 def _flag_rates(summary: dict[str, Any], table: pd.DataFrame, names: tuple[str, ...], scored: pd.Series) -> None:
@@ -316,20 +311,25 @@ def pair_lists(table: pd.DataFrame, n: int = 10) -> list[PairList]:
             rows = rows.loc[key[mask].sort_values(kind="stable", na_position="last").index]
         lists.append(PairList(list_id, title, order, int(mask.sum()), rows.head(n)))
 
+    def add_flag(flag: str, what: str, key: pd.Series, order: str) -> None:
+        """The pairs a flag marks, titled with its label (the registry's) and what that means."""
+        label = flags.label(flag)
+        add(flag, f"{label[:1].upper()}{label[1:]}: {what}", table[flag], key, order)
+
     if "non_finite" in table.columns:
         add("non_finite", "Pairs with a NaN or infinite log-prob (left out of every rate)", table["non_finite"], None,
             "table order")  # fmt: skip
     if has_policy(table):
-        add("negative_margin_regime", "Negative-margin regime: reward margin > 0 but the policy prefers rejected",
-            table["negative_margin_regime"], table["policy_margin_per_token"], "policy margin per token, lowest first")
-        add("likely_mislabeled", "Likely mislabeled: the implicit reward still prefers rejected",
-            table["likely_mislabeled"], _per_token_reward(table), "reward margin per token, lowest first")
+        add_flag("negative_margin_regime", "reward margin > 0 but the policy prefers rejected",
+                 table["policy_margin_per_token"], "policy margin per token, lowest first")
+        add_flag("likely_mislabeled", "the implicit reward still prefers rejected", _per_token_reward(table),
+                 "reward margin per token, lowest first")
         broken = (table["ref_margin"] > 0) & (table["policy_margin"] <= 0) & scored_pairs(table)
         add("broken_by_training", "Broken by training: the reference ranked these correctly, the policy does not",
             broken, table["policy_margin_per_token"], "policy margin per token, lowest first")  # fmt: skip
     elif has_reference(table):
-        add("ref_prefers_rejected", "Reference prefers rejected: DPO starts these on the wrong side",
-            table["ref_prefers_rejected"], table["ref_margin_per_token"], "reference margin per token, lowest first")
+        add_flag("ref_prefers_rejected", "DPO starts these on the wrong side", table["ref_margin_per_token"],
+                 "reference margin per token, lowest first")
     problems = [f for f in HARD_DATA_FLAGS if f in table.columns]
     if problems:
         flagged = table[problems].astype(bool)

@@ -14,19 +14,17 @@ SHOWN_IDS = 3  # pair ids named in a finding before "and N more"
 ID_LIMIT = 40  # characters of each id named
 
 
-def _v(summary: dict[str, Any], key: str) -> str:
-    """A summary value as the reports write it (nested keys by dotted path)."""
-    value: Any = summary
-    for part in key.split("."):
-        value = (value or {}).get(part) if isinstance(value, dict) else None
-    return format_value(key, value)
-
-
 def _get(summary: dict[str, Any], key: str) -> Any:
+    """A summary value by key, nested keys by dotted path (None when absent)."""
     value: Any = summary
     for part in key.split("."):
         value = value.get(part) if isinstance(value, dict) else None
     return value
+
+
+def _v(summary: dict[str, Any], key: str) -> str:
+    """A summary value as the reports write it."""
+    return format_value(key, _get(summary, key))
 
 
 def pairs_text(ids: list[str], n: int) -> str:
@@ -39,9 +37,11 @@ def pairs_text(ids: list[str], n: int) -> str:
 
 
 def _finding(
-    summary: dict[str, Any], finding_id: str, level: str, text: str, keys: list[str], pairs: str = "", n: int = 0
+    summary: dict[str, Any], finding_id: str, level: str, text: str, keys: list[str], n: int = 0
 ) -> dict[str, Any]:
-    ids = list((summary.get("pair_examples") or {}).get(pairs or finding_id, []))
+    """One finding: its sentence, the summary numbers it quotes, and the first ids of the ``n`` pairs behind it
+    (the summary's ``pair_examples`` under the finding's id)."""
+    ids = list((summary.get("pair_examples") or {}).get(finding_id, []))
     return {
         "id": finding_id,
         "level": level,

@@ -15,6 +15,8 @@ KINDS = ("data", "token", "reference", "policy")
 
 @dataclass(frozen=True)
 class Flag:
+    """One per-pair flag as the registry describes it."""
+
     name: str
     kind: str  # one of KINDS
     label: str  # a few words for tables and chips

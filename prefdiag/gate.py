@@ -112,9 +112,8 @@ def metric_catalogue(mode: str) -> frozenset[str]:
         "rejected": ["c"] * n,
     }
     # Per-pair flags the run adds before summarising: the model-free checks always, token flags once tokenized.
-    token_flags = getattr(diagnostics, "TOKEN_FLAGS", ())
-    for flag in getattr(diagnostics, "DATA_FLAGS", token_flags):
-        if mode != "data" or flag not in token_flags:
+    for flag in diagnostics.DATA_FLAGS:
+        if mode != "data" or flag not in diagnostics.TOKEN_FLAGS:
             columns[flag] = [False] * n
     if mode != "data":
         columns.update(

@@ -34,7 +34,10 @@ def add_listener(listener: Listener) -> Callable[[], None]:
 
 @contextlib.contextmanager
 def phase(name: str) -> Iterator[None]:
-    """Mark the enclosed code as the phase ``name`` for every listener (nothing happens when there is none)."""
+    """Mark the enclosed code as the phase ``name`` (one of NAMES) for every listener (nothing happens when there is
+    none)."""
+    if name not in NAMES:
+        raise ValueError(f"unknown phase {name!r}; the phases are: {', '.join(NAMES)}")
     if not _listeners:
         yield
         return

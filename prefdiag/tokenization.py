@@ -15,6 +15,7 @@ import numpy as np
 
 from prefdiag.chat_templates import chat_ids, count_present, group_by_kwargs, row_template_kwargs
 from prefdiag.errors import ModelError, UsageError
+from prefdiag.formatting import plural
 
 SCHEME = "trl-1.x"  # the tokenization rules followed; recorded in provenance and in the token cache key
 
@@ -54,7 +55,7 @@ def is_conversation(value: Any) -> bool:
     return isinstance(value, list) and len(value) > 0 and isinstance(value[0], dict) and "role" in value[0]
 
 
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+def common_token_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Number of leading tokens a and b share."""
     n = min(len(a), len(b))
     for i in range(n):
@@ -138,6 +139,7 @@ def tokenize_pairs(
         "documents_not_rendered": count_present(documents),
         "n_over_trl_default_max_length": over,
     }
+
     def column(name: str, dtype) -> np.ndarray:
         return np.asarray(parts[name], dtype=dtype).reshape(n)
 
@@ -163,12 +165,12 @@ def settings_notes(settings: dict[str, Any]) -> list[str]:
     notes = []
     over = settings.get("n_over_trl_default_max_length")
     if over:
-        notes.append(f"{over} pair{'s' if over != 1 else ''} exceed{'s' if over == 1 else ''} "
+        notes.append(f"{plural(over, 'pair')} exceed{'s' if over == 1 else ''} "
                      f"{TRL_DEFAULT_MAX_LENGTH} tokens, TRL's default max_length, and were scored whole: a TRL run "
                      f"with default settings truncated them; pass --max-length {TRL_DEFAULT_MAX_LENGTH} to match it")
     docs = settings.get("documents_not_rendered")
     if docs:
-        notes.append(f"{docs} row{'s' if docs != 1 else ''} ha{'ve' if docs != 1 else 's'} a documents column, which "
+        notes.append(f"{plural(docs, 'row')} {'has' if docs == 1 else 'have'} a documents column, which "
                      f"TRL 1.x's DPOTrainer does not pass to the chat template (nor does prefdiag); put them in "
                      f"chat_template_kwargs to render them")
     return notes
@@ -224,7 +226,7 @@ def _tokenize_trl1(tokenizer, prompts, chosen, rejected, conversational, kwargs,
                                             "mismatch", "truncated", "dropped")}
     for i in range(n):
         p = prompt_ids[i]
-        prompt_len = min(common_prefix_length(p, full_chosen[i]), common_prefix_length(p, full_rejected[i]))
+        prompt_len = min(common_token_prefix(p, full_chosen[i]), common_token_prefix(p, full_rejected[i]))
         c, r = full_chosen[i][prompt_len:], full_rejected[i][prompt_len:]
         out["mismatch"].append(prompt_len < len(p))
         out["chosen_full"].append(len(c))

@@ -47,9 +47,9 @@ from prefdiag.data.readers import (
     _read_saved_dataset,
     file_sha256,
 )
-from prefdiag.data.shapes import SHAPES, detect_shape, to_pairs
+from prefdiag.data.shapes import detect_shape, to_pairs
 from prefdiag.errors import DataError, UsageError
-from prefdiag.options import DATA_FORMATS
+from prefdiag.options import DATA_FORMATS, SHAPED_FORMATS
 
 REQUIRED = ("chosen", "rejected")
 
@@ -92,7 +92,7 @@ def load_pairs(
     kind = _file_kind(path) if not path.is_dir() and path.exists() else None
     json_path = path if kind in ("json", "jsonl") else None
     names = list(frame.column_names if isinstance(frame, pa.Table) else map(str, frame.columns))
-    shape = data_format if data_format in SHAPES else detect_shape(names) if data_format == "auto" else None
+    shape = data_format if data_format in SHAPED_FORMATS else detect_shape(names) if data_format == "auto" else None
     if shape is not None:
         frame, shape_details, rows = to_pairs(frame, shape, source, json_path, binarize_seed)
         details = {**details, **shape_details}

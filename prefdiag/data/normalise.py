@@ -1,5 +1,5 @@
-"""Normalisation and validation: the raw rows (Arrow or Python objects) become the pairs table ``pair_id, prompt,
-chosen, rejected`` plus extra columns, every fault named by row and column."""
+"""Normalisation: the raw rows (Arrow or Python objects) become the pairs table ``pair_id, prompt, chosen, rejected``
+plus extra columns; a missing column, a bad id or a column of the wrong kind is named (checks in data.validate)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from prefdiag.data.objects import python_columns
 from prefdiag.data.prompts import _looks_like_hh, _split_conversations, _split_hh, _split_strings
+from prefdiag.data.validate import (
+    check_python_values,
+    column_kind,
+    is_text_type,
+    kind_words,
+    messages_column,
+    parse_json_messages,
+)
 from prefdiag.errors import DataError, UsageError
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class PairData:
@@ -60,7 +68,6 @@ class ColumnMap:
     id: str | None = None  # None: use "id" when present, else the row index
 
 
-
 def _normalise(
     frame: pa.Table | pd.DataFrame,
     source: str,
@@ -87,18 +94,18 @@ def _normalise(
     objects = python_columns(frame, json_path, tuple(originals.values()), id_column, csv_source)
     text = {name: _text_column(frame, original, source, objects) for name, original in originals.items()
             if name != "prompt" or has_prompt}  # fmt: skip
-    kinds = {name: _kind(array, source, originals[name]) for name, array in text.items()}
+    kinds = {name: column_kind(array, source, originals[name]) for name, array in text.items()}
 
     if data_format == "conversational" or (data_format == "auto" and csv_source):
         for name, array in list(text.items()):  # message lists held as JSON text, as a CSV file must hold them
             if kinds[name] == "text":
-                parsed = _parse_json_messages(array, source, originals[name], strict=data_format != "auto")
+                parsed = parse_json_messages(array, source, originals[name], strict=data_format != "auto")
                 if parsed is not None:
                     text[name], kinds[name] = parsed, "messages"
     if kinds["chosen"] != kinds["rejected"]:
         raise DataError(
-            f"{source}: column {columns.chosen!r} holds {_kind_words(kinds['chosen'])} but {columns.rejected!r} "
-            f"holds {_kind_words(kinds['rejected'])}; both must be strings or both lists of messages"
+            f"{source}: column {columns.chosen!r} holds {kind_words(kinds['chosen'])} but {columns.rejected!r} "
+            f"holds {kind_words(kinds['rejected'])}; both must be strings or both lists of messages"
         )
     conversational = kinds["chosen"] == "messages"
     if data_format == "standard" and conversational:
@@ -171,155 +178,10 @@ def _text_column(
     if name not in objects and isinstance(frame, pa.Table):
         return frame.column(name)
     values = objects[name] if name in objects else frame[name].tolist()
-    kind = _check_python_values(values, source, name)
+    kind = check_python_values(values, source, name)
     if kind == "messages":
-        return _messages_column(values)
+        return messages_column(values)
     return pa.chunked_array([pa.array(values, pa.large_string())])
-
-
-def _messages_column(values: list) -> pa.ChunkedArray | list:
-    """Conversations as Arrow lists when every message is exactly {role, content} (strings), else the Python lists
-    (Arrow would add every other row's keys to each message)."""
-    plain = all(len(m) == 2 and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for value in values for m in value)  # fmt: skip
-    return pa.chunked_array([pa.array(values)]) if plain else values
-
-
-def _check_python_values(values: list, source: str, column: str) -> str:
-    """Every value a string, or every value a list of valid messages; else name the first bad row. Returns the
-    kind: "text" or "messages"."""
-    first_kind = None
-    for row, value in enumerate(values):
-        if isinstance(value, np.ndarray):
-            value = values[row] = value.tolist()
-        if isinstance(value, str):
-            kind = "text"
-        elif _is_python_messages(value):
-            kind = "messages"
-            fault = _message_fault(value)
-            if fault:
-                raise DataError(f"{source}: row {row + 1}, column {column!r}: {fault}")
-        else:
-            raise DataError(
-                f"{source}: row {row + 1}, column {column!r}: expected a string or a list of {{role, content}} "
-                f"messages, got {_python_type(value)}"
-            )
-        if first_kind is None:
-            first_kind = kind
-        elif kind != first_kind:
-            raise DataError(
-                f"{source}: row {row + 1}, column {column!r}: expected {_kind_words(first_kind)} like the first "
-                f"row, got {_kind_words(kind)}"
-            )
-    return first_kind or "text"
-
-
-def _message_fault(messages: list[dict]) -> str | None:
-    """What is wrong with a conversation: a message needs a string role, and string content unless it carries
-    tool_calls (then content may be absent or null)."""
-    for number, message in enumerate(messages, start=1):
-        role, content = message.get("role"), message.get("content")
-        if not isinstance(role, str):
-            return f"message {number} has no role" if role is None else f"message {number}: role is not a string"
-        if isinstance(content, str) or (content is None and message.get("tool_calls")):
-            continue
-        if content is None:
-            return f"message {number} ({role}) has no content (only a message with tool_calls may omit it)"
-        if isinstance(content, list):
-            return f"message {number} ({role}): content is a list (multimodal content parts are not supported)"
-        return f"message {number} ({role}): content is {_python_type(content)}, not a string"
-    return None
-
-
-def _is_python_messages(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(m, dict) for m in value)
-
-
-def _python_type(value: Any) -> str:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return "null"
-    return type(value).__name__
-
-
-def _kind(array: pa.ChunkedArray, source: str, column: str) -> str:
-    """'text' or 'messages' from the Arrow type; a null or a value of another type is an error naming its row.
-    Python message lists were validated as they were read."""
-    if isinstance(array, list):
-        return "messages"
-    t = array.type
-    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
-        kind = "text"
-    elif _is_message_list(t):
-        kind = "messages"
-    else:
-        row = _first_row(pc.is_valid(array)) if array.null_count < len(array) else 0
-        value = array[row].as_py() if len(array) else None
-        shown = "a list that is not {role, content} messages" if isinstance(value, list) else _python_type(value)
-        if _is_message_list(t, any_content=True):
-            raise DataError(
-                f"{source}: column {column!r}: message content is {t.value_type.field('content').type}, not text "
-                "(multimodal content parts are not supported)"
-            )
-        raise DataError(
-            f"{source}: row {row + 1}, column {column!r}: expected a string or a list of {{role, content}} "
-            f"messages, got {shown}"
-        )
-    if array.null_count:
-        row = _first_row(pc.is_null(array))
-        raise DataError(f"{source}: row {row + 1}, column {column!r}: expected {_kind_words(kind)}, got null")
-    if kind == "messages":
-        messages = pc.list_flatten(array)
-        roles = pc.struct_field(messages, "role")
-        if messages.null_count or roles.null_count:
-            bad = pc.or_(pc.is_null(messages), pc.is_null(roles))
-            parents = pc.list_parent_indices(array.combine_chunks())
-            row = int(parents[_first_row(bad)].as_py())
-            raise DataError(f"{source}: row {row + 1}, column {column!r}: a message without a role")
-    return kind
-
-
-def _is_message_list(t: pa.DataType, any_content: bool = False) -> bool:
-    if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_struct(t.value_type):
-        return False
-    fields = {f.name: f.type for f in t.value_type}
-    content = fields.get("content")
-    if "role" not in fields or content is None:
-        return False
-    return any_content or pa.types.is_string(content) or pa.types.is_large_string(content) or pa.types.is_null(content)
-
-
-def _first_row(mask) -> int:
-    return int(np.flatnonzero(np.asarray(mask.to_numpy(zero_copy_only=False)))[0])
-
-
-def _kind_words(kind: str) -> str:
-    return "a list of messages" if kind == "messages" else "a string"
-
-
-def _parse_json_messages(
-    array: pa.ChunkedArray, source: str, column: str, *, strict: bool
-) -> pa.ChunkedArray | list | None:
-    """JSON-encoded message lists (how a CSV file holds conversations) as message lists. Not strict: None
-    unless every value parses. Strict: a value that does not parse is an error naming its row."""
-    if not strict and not pc.all(pc.starts_with(pc.utf8_ltrim_whitespace(array), "[")).as_py():
-        return None
-    values = []
-    for row, text in enumerate(array.to_pylist()):
-        try:
-            value = json.loads(text)
-            if not _is_python_messages(value):
-                raise ValueError
-        except ValueError:
-            if not strict:
-                return None
-            raise DataError(
-                f"{source}: row {row + 1}, column {column!r}: expected a JSON list of {{role, content}} messages"
-            ) from None
-        fault = _message_fault(value)
-        if fault:
-            raise DataError(f"{source}: row {row + 1}, column {column!r}: {fault}")
-        values.append(value)
-    return _messages_column(values)
 
 
 def _pair_ids(
@@ -377,7 +239,7 @@ def _to_pandas(array: pa.ChunkedArray | list) -> pd.Series:
     if isinstance(array, list):  # Python message lists, as written
         return pd.Series(array, dtype=object)
     t = array.type
-    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+    if is_text_type(t):
         return pd.Series(array.cast(pa.large_string()).to_pandas(), dtype="str")  # Arrow-backed, zero-copy
     if pa.types.is_nested(t) or pa.types.is_dictionary(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t):
         return pd.Series(pd.arrays.ArrowExtensionArray(array))

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from prefdiag.data.readers import json_rows
+from prefdiag.data.validate import is_text_type, message_fields
 
 # Columns the chat template receives as TRL 1.x passes them: always Python objects, exactly as written.
 TEMPLATE_COLUMNS = ("tools", "documents", "chat_template_kwargs")
@@ -65,19 +66,14 @@ def _needs_python(frame: pa.Table | pd.DataFrame, name: str) -> bool:
     if not isinstance(frame, pa.Table):
         return False  # already Python objects from the file's own JSON
     array = frame.column(name)
-    t = array.type
-    if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_struct(t.value_type):
+    fields = message_fields(array.type)
+    if fields is None:
         return False
-    fields = {f.name: f.type for f in t.value_type}
     content = fields.get("content")
-    if content is not None and not (_is_text(content) or pa.types.is_null(content)):
+    if content is not None and not (is_text_type(content) or pa.types.is_null(content)):
         return False  # multimodal content parts: refused by validation as they are
-    plain = set(fields) == {"role", "content"} and _is_text(fields["role"]) and _is_text(content)
+    plain = set(fields) == {"role", "content"} and is_text_type(fields["role"]) and is_text_type(content)
     return not plain or not _no_nulls_inside(pc.list_flatten(array))
-
-
-def _is_text(t: pa.DataType | None) -> bool:
-    return t is not None and (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t))
 
 
 def _no_nulls_inside(array: pa.ChunkedArray) -> bool:

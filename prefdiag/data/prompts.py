@@ -64,13 +64,21 @@ def extract_prompt_index(chosen: str, rejected: str) -> int:
 
 
 def _split_strings(chosen: pa.ChunkedArray, rejected: pa.ChunkedArray):
-    prompts, chosen_out, rejected_out = [], [], []
+    parts: tuple[list, list, list] = ([], [], [])
     for _, (cs, rs) in _chunks(chosen, rejected):
-        idx = [extract_prompt_index(c, r) for c, r in zip(cs, rs)]
-        prompts.append(pa.array([c[:i] for c, i in zip(cs, idx)], pa.large_string()))
-        chosen_out.append(pa.array([c[i:] for c, i in zip(cs, idx)], pa.large_string()))
-        rejected_out.append(pa.array([r[i:] for r, i in zip(rs, idx)], pa.large_string()))
-    return tuple(pa.chunked_array(parts, pa.large_string()) for parts in (prompts, chosen_out, rejected_out))
+        _cut(cs, rs, [extract_prompt_index(c, r) for c, r in zip(cs, rs)], parts)
+    return _string_columns(parts)
+
+
+def _cut(cs: list[str], rs: list[str], idx: list[int], parts: tuple[list, list, list]) -> None:
+    """Append one chunk's (prompt, chosen, rejected), each pair cut at its index, to ``parts``."""
+    parts[0].append(pa.array([c[:i] for c, i in zip(cs, idx)], pa.large_string()))
+    parts[1].append(pa.array([c[i:] for c, i in zip(cs, idx)], pa.large_string()))
+    parts[2].append(pa.array([r[i:] for r, i in zip(rs, idx)], pa.large_string()))
+
+
+def _string_columns(parts: tuple[list, list, list]) -> tuple[pa.ChunkedArray, ...]:
+    return tuple(pa.chunked_array(chunks, pa.large_string()) for chunks in parts)
 
 
 def _split_conversations(chosen: pa.ChunkedArray | list, rejected: pa.ChunkedArray | list):
@@ -106,7 +114,7 @@ def hh_split_index(chosen: str, rejected: str) -> int:
 
 def _split_hh(chosen: pa.ChunkedArray, rejected: pa.ChunkedArray, source: str, *, strict: bool):
     """HH transcripts split after their last shared Assistant turn; None (not strict) if some pair has none."""
-    prompts, chosen_out, rejected_out = [], [], []
+    parts: tuple[list, list, list] = ([], [], [])
     for start, (cs, rs) in _chunks(chosen, rejected):
         idx = [hh_split_index(c, r) for c, r in zip(cs, rs)]
         if min(idx) < 0:
@@ -118,10 +126,8 @@ def _split_hh(chosen: pa.ChunkedArray, rejected: pa.ChunkedArray, source: str, *
                 f"{source}: row {row + 1}: chosen and rejected share no {HH_ASSISTANT!r} turn to split the HH "
                 "transcript at"
             )
-        prompts.append(pa.array([c[:i] for c, i in zip(cs, idx)], pa.large_string()))
-        chosen_out.append(pa.array([c[i:] for c, i in zip(cs, idx)], pa.large_string()))
-        rejected_out.append(pa.array([r[i:] for r, i in zip(rs, idx)], pa.large_string()))
-    return tuple(pa.chunked_array(parts, pa.large_string()) for parts in (prompts, chosen_out, rejected_out))
+        _cut(cs, rs, idx, parts)
+    return _string_columns(parts)
 
 
 def _as_list(column: pa.ChunkedArray | list) -> list:

@@ -14,13 +14,14 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from prefdiag.errors import DataError
+from prefdiag.errors import DataError, first_line
 
 FILE_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 COMPRESSIONS = (".gz", ".bz2", ".zst")  # around a text format, e.g. HH-RLHF's train.jsonl.gz
 
 
 def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, in hex (read in 1 MiB blocks)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -62,16 +63,12 @@ def _read_file(path: Path) -> tuple[pa.Table | pd.DataFrame, str]:
         except (EOFError, OSError) as exc:
             if not _compressed(path):
                 raise
-            raise DataError(f"{path}: the compressed file ends early or is corrupt ({_first_line(exc)})") from None
+            raise DataError(f"{path}: the compressed file ends early or is corrupt ({first_line(exc)})") from None
         return frame, digest.result()
 
 
 def _compressed(path: Path) -> bool:
     return path.suffix.lower() in COMPRESSIONS
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 def utf8_fault(path: Path) -> str:
@@ -85,7 +82,7 @@ def utf8_fault(path: Path) -> str:
                     column = len(raw[: exc.start].decode("utf-8", "replace")) + 1
                     return f"{path}:{number}:{column}: not UTF-8 text (byte 0x{raw[exc.start]:02x})"
     except (EOFError, OSError) as exc:
-        return f"{path}: the compressed file ends early or is corrupt ({_first_line(exc)})"
+        return f"{path}: the compressed file ends early or is corrupt ({first_line(exc)})"
     return f"{path}: not UTF-8 text"
 
 
@@ -242,7 +239,7 @@ def _read_csv(path: Path) -> pa.Table:
             path, parse_options=pcsv.ParseOptions(newlines_in_values=True), convert_options=convert
         )
     except (pa.ArrowException, OSError) as exc:
-        message = _first_line(exc)
+        message = first_line(exc)
         if "UTF8" in message or "UTF-8" in message:
             raise DataError(utf8_fault(path)) from None
         if _compressed(path) and isinstance(exc, OSError):
@@ -270,34 +267,32 @@ def _read_parquet(path: Path) -> pa.Table:
         parquet = pq.ParquetFile(path)
         return pa.Table.from_batches(list(parquet.iter_batches(batch_size=1 << 16)), schema=parquet.schema_arrow)
     except Exception as exc:  # pyarrow raises ArrowInvalid, OSError... for a corrupt file
-        raise DataError(f"{path}: not a readable Parquet file: {str(exc).splitlines()[0]}") from None
+        raise DataError(f"{path}: not a readable Parquet file: {first_line(exc)}") from None
 
 
 def _read_saved_dataset(path: Path, split: str | None) -> tuple[pa.Table, str, dict]:
     import datasets
 
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except Exception as exc:
-        raise DataError(f"{path}: not a dataset saved with save_to_disk: {str(exc).splitlines()[0]}") from None
-    dataset, chosen_split = _pick_split(loaded, split, str(path))
-    return _dataset_table(dataset), dataset._fingerprint, {"split": chosen_split}
+    return _read_dataset(lambda: datasets.load_from_disk(str(path)), str(path), split,
+                         "not a dataset saved with save_to_disk")  # fmt: skip
 
 
 def _read_hub_dataset(name: str, split: str | None) -> tuple[pa.Table, str, dict]:
     import datasets
 
+    return _read_dataset(lambda: datasets.load_dataset(name, split=split) if split else datasets.load_dataset(name),
+                         name, split, "cannot load the hub dataset")  # fmt: skip
+
+
+def _read_dataset(load, where: str, split: str | None, failure: str) -> tuple[pa.Table, str, dict]:
+    """(rows as an Arrow table, memory-mapped where the dataset is, in its row order; its fingerprint; the split)
+    of the dataset ``load()`` returns; a failure to load is one line naming ``where``."""
     try:
-        loaded = datasets.load_dataset(name, split=split) if split else datasets.load_dataset(name)
+        loaded = load()
     except Exception as exc:
-        raise DataError(f"{name}: cannot load the hub dataset: {str(exc).splitlines()[0]}") from None
-    dataset, chosen_split = _pick_split(loaded, split, name)
-    return _dataset_table(dataset), dataset._fingerprint, {"split": chosen_split}
-
-
-def _dataset_table(dataset) -> pa.Table:
-    """The dataset's rows as an Arrow table (memory-mapped where the dataset is), in the dataset's row order."""
-    return dataset.with_format("arrow")[:]
+        raise DataError(f"{where}: {failure}: {first_line(exc)}") from None
+    dataset, chosen_split = _pick_split(loaded, split, where)
+    return dataset.with_format("arrow")[:], dataset._fingerprint, {"split": chosen_split}
 
 
 def _pick_split(loaded, split: str | None, where: str):

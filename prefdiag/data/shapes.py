@@ -26,7 +26,6 @@ import pyarrow as pa
 
 from prefdiag.data.readers import json_rows
 from prefdiag.errors import DataError
-from prefdiag.options import SHAPED_FORMATS as SHAPES  # the names are defined once, in options
 
 RATED_PROMPTS = ("instruction", "prompt")
 SHP_COLUMNS = ("human_ref_A", "human_ref_B")

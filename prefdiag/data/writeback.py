@@ -51,7 +51,9 @@ def write_rows(source: Path, output: Path, keep: np.ndarray, split: str | None =
     writers[kind](source, output, keep)
 
 
-def _atomic_file(output: Path, write: Callable[[io.BufferedWriter], None]) -> None:
+def write_file_atomically(output: Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Call ``write`` on a binary handle to a temporary file beside ``output`` (gzip-compressed when ``output`` ends
+    in .gz), then rename it over ``output``; on any failure the temporary is removed and ``output`` is untouched."""
     output.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
     try:
@@ -78,7 +80,7 @@ def _write_lines(source: Path, output: Path, keep: np.ndarray) -> None:
         lines = [line for line in handle if line.strip()]
     _check_count(source, len(lines), keep)
     kept = [line if line.endswith("\n") else line + "\n" for line, k in zip(lines, keep) if k]
-    _atomic_file(output, lambda out: out.write("".join(kept).encode("utf-8")))
+    write_file_atomically(output, lambda out: out.write("".join(kept).encode("utf-8")))
 
 
 def _write_json(source: Path, output: Path, keep: np.ndarray) -> None:
@@ -97,7 +99,8 @@ def _write_json(source: Path, output: Path, keep: np.ndarray) -> None:
         lengths = {len(v) for v in payload.values()}
         _check_count(source, lengths.pop(), keep)
         result = {name: [v for v, k in zip(values, keep) if k] for name, values in payload.items()}
-    _atomic_file(output, lambda out: out.write(json.dumps(result, ensure_ascii=False, indent=1).encode("utf-8")))
+    text = json.dumps(result, ensure_ascii=False, indent=1)
+    write_file_atomically(output, lambda out: out.write(text.encode("utf-8")))
 
 
 def _write_csv(source: Path, output: Path, keep: np.ndarray) -> None:
@@ -110,7 +113,7 @@ def _write_csv(source: Path, output: Path, keep: np.ndarray) -> None:
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(row for row, k in zip(rows, keep) if k)
-    _atomic_file(output, lambda out: out.write(text.getvalue().encode("utf-8")))
+    write_file_atomically(output, lambda out: out.write(text.getvalue().encode("utf-8")))
 
 
 def _write_parquet(source: Path, output: Path, keep: np.ndarray) -> None:
@@ -124,7 +127,7 @@ def _write_parquet(source: Path, output: Path, keep: np.ndarray) -> None:
     def write(out) -> None:
         pq.write_table(kept, out)
 
-    _atomic_file(output, write)
+    write_file_atomically(output, write)
 
 
 def _write_saved(source: Path, output: Path, keep: np.ndarray, split: str | None) -> None:

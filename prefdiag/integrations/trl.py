@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from trl import DPOTrainer
 from trl.trainer.utils import use_adapter
 
 from prefdiag import distributed
+from prefdiag.data.writeback import write_file_atomically
 from prefdiag.integrations.live import LIVE_BATCH_TOKENS, score_live, tokenize_eval_pairs
 from prefdiag.integrations.losses import ConstraintSettings, constrained_loss
 
@@ -132,7 +132,8 @@ class PrefdiagCallback(TrainerCallback):
         if self.rules:
             logs.update(self._gate(summary, step))
         if self.output_dir is not None and distributed.is_main():
-            _write_parquet(table, self.output_dir / f"pairs-step-{step}.parquet")
+            path = self.output_dir / f"pairs-step-{step}.parquet"
+            write_file_atomically(path, lambda out: table.to_parquet(out, index=False))
         control = self.trainer.control
         pending = control.should_log  # on_log clears it: TRL's own log of this step must still happen
         Trainer.log(self.trainer, dict(logs))  # Trainer's own log: DPOTrainer.log would flush TRL's pending metrics
@@ -174,19 +175,6 @@ class PrefdiagCallback(TrainerCallback):
             self.score(state.global_step)
             control.should_training_stop |= self.trainer.control.should_training_stop
         return control
-
-
-def _write_parquet(table, path: Path) -> None:
-    """Write atomically: a temporary file in the same folder, renamed over the target."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        table.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}

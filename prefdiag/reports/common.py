@@ -13,7 +13,7 @@ import pandas as pd
 
 from prefdiag import flags
 from prefdiag.diagnostics import PairList, pair_lists, worst_pairs
-from prefdiag.formatting import base_name, format_value, is_rate, plural  # noqa: F401 (re-exported)
+from prefdiag.formatting import format_value, plural  # format_value is re-exported for the writers
 from prefdiag.gate import OPS
 
 _MODEL_FLAGS = [f for f in flags.FLAGS if f.kind in ("reference", "policy") and f.name != "non_finite"]
@@ -63,16 +63,17 @@ KEY_METRICS = [
     "flip_rate",
     "break_rate",
 ]
-# Short column headers for the per-group table (terminal and HTML).
+# Short column headers for the per-group table (terminal and HTML); a flag rate is headed by the registry's label
+# unless that is too wide for an 80-column log.
 GROUP_HEADERS = {
     "n_pairs": "pairs",
     "reward_accuracy": "reward acc.",
     "ranking_accuracy": "rank acc.",
     "ref_ranking_accuracy": "ref rank acc.",
     "negative_margin_regime_rate": "neg. margin",
-    "chosen_displaced_rate": "chosen displaced",
+    "chosen_displaced_rate": flags.label("chosen_displaced"),
     "ref_prefers_rejected_rate": "ref prefers rejected",
-    "likely_mislabeled_rate": "likely mislabeled",
+    "likely_mislabeled_rate": flags.label("likely_mislabeled"),
     "mean_dpo_loss": "mean loss",
     "mean_reward_margin": "mean reward margin",
     "mean_ref_margin": "mean ref margin (nats)",
@@ -80,7 +81,9 @@ GROUP_HEADERS = {
     "flip_rate": "fixed",
     "break_rate": "broken",
 }
-STATUS = {"pass": "pass", "fail": "FAIL", "warn": "warn"}
+# How a gate rule's result is marked in the terminal and HTML (Markdown uses emoji GitHub renders).
+STATUS_SYMBOLS = {"pass": "✓", "fail": "✗", "warn": "!"}
+STATUS_WORDS = {"pass": "pass", "fail": "FAIL", "warn": "warn"}
 ID_LIMIT = 80  # characters of a pair id or group value shown
 TEXT_LIMIT = 4000  # characters of a prompt or response shown in a report
 
@@ -97,6 +100,8 @@ def metric_label(name: str) -> str:
 
 @dataclass
 class GateRow:
+    """One gate rule's result as every report shows it."""
+
     status: str  # pass, fail or warn
     metric: str
     condition: str  # ">= 60.0%"
@@ -110,8 +115,19 @@ class GateRow:
         """The metric as shown: cleaned, and cut when a group value makes it long."""
         return short(self.metric, 200)
 
+    @property
+    def symbol(self) -> str:
+        """✓, ✗ or ! (pass, fail, warn)."""
+        return STATUS_SYMBOLS[self.status]
+
+    @property
+    def mark(self) -> str:
+        """The symbol and the word: "✓ pass", "✗ FAIL", "! warn"."""
+        return f"{self.symbol} {STATUS_WORDS[self.status]}"
+
 
 def gate_rows(summary: dict[str, Any]) -> list[GateRow]:
+    """One row per gate rule of the summary, in the gate's order."""
     rows = []
     for rule in (summary.get("gate") or {}).get("rules", []):
         metric = rule["metric"]
@@ -243,20 +259,6 @@ def pair_sections(table: pd.DataFrame | None, n: int) -> list[PairList]:
     return sections
 
 
-def pairs_to_show(table: pd.DataFrame | None, n: int) -> tuple[str, pd.DataFrame | None]:
-    """(title, rows): the worst pairs when a model was scored, else the pairs a data check flagged."""
-    if table is None:
-        return "", None
-    worst = worst_pairs(table, n)
-    if len(worst):
-        return f"Worst {len(worst)} pairs", worst
-    flags = [c for c in DATA_FLAG_LABELS if c in table.columns and table[c].dtype == bool]
-    if not flags:
-        return "", None
-    flagged = table[table[flags].any(axis=1)].head(n)
-    return (f"First {len(flagged)} flagged pairs", flagged) if len(flagged) else ("", None)
-
-
 def flag_labels(row: pd.Series, labels: dict[str, str]) -> list[str]:
     """The labels of the flags that are True on a row."""
     return [label for column, label in labels.items() if column in row.index and _true(row[column])]
@@ -264,3 +266,21 @@ def flag_labels(row: pd.Series, labels: dict[str, str]) -> list[str]:
 
 def _true(value: Any) -> bool:
     return isinstance(value, (bool, np.bool_)) and bool(value)
+
+
+def provenance_rows(provenance: dict[str, Any]) -> list[tuple[str, str]]:
+    """(what, where it came from) for the models, the dataset, the tokenization and prefdiag's version."""
+    items = []
+    for key in ("reference", "policy"):
+        model = provenance.get(key)
+        if isinstance(model, dict):
+            items.append((key, f"{model.get('name')} ({model.get('dtype')} on {model.get('device')})"))
+    dataset = provenance.get("dataset")
+    if isinstance(dataset, dict):
+        items.append(("dataset", f"{dataset.get('source')} (sha256 {str(dataset.get('content_sha256'))[:12]})"))
+    tokenization = provenance.get("tokenization")
+    if isinstance(tokenization, dict):
+        items.append(("tokenization", f"{tokenization.get('scheme')}, max_length {tokenization.get('max_length')}"))
+    if provenance.get("prefdiag_version"):
+        items.append(("prefdiag", str(provenance["prefdiag_version"])))
+    return items

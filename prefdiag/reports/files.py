@@ -14,8 +14,7 @@ from typing import Any
 import pandas as pd
 
 from prefdiag.errors import UsageError
-
-TABLE_FORMATS = ("parquet", "csv", "jsonl")
+from prefdiag.options import TABLE_FORMATS  # defined once, in options
 
 
 def clean_json(value: Any) -> Any:
@@ -32,6 +31,7 @@ def clean_json(value: Any) -> Any:
 
 
 def dumps_summary(summary: dict[str, Any]) -> str:
+    """summary.json's text: standard JSON (no NaN), indented, non-ASCII kept."""
     return json.dumps(clean_json(summary), indent=2, ensure_ascii=False) + "\n"
 
 
@@ -68,4 +68,5 @@ def write_atomically(out_dir: Path, writers: dict[str, Callable[[Path], None]]) 
 
 
 def write_text(text: str) -> Callable[[Path], None]:
+    """A writer (for write_atomically) of ``text`` as UTF-8."""
     return lambda path: path.write_text(text, encoding="utf-8")

@@ -22,6 +22,7 @@ from prefdiag.reports.common import (
     group_rows,
     metric_rows,
     pair_sections,
+    provenance_rows,
     short,
 )
 from prefdiag.reports.plots import report_plots
@@ -79,7 +80,7 @@ def report_context(table: pd.DataFrame | None, summary: dict[str, Any], n_worst:
         "groups": {"column": short(column), "headers": [GROUP_HEADERS.get(h, h) for h in group_headers],
                    "rows": group_table},
         "worst": _worst(table, n_worst),
-        "provenance": _provenance(provenance),
+        "provenance": provenance_rows(provenance),
     }
 
 
@@ -140,20 +141,3 @@ def _baseline(table: pd.DataFrame | None, summary: dict[str, Any], n: int) -> di
             rows = table[table["ranking_change"] == kind].sort_values(out["column"], ascending=ascending).head(n)
             out[kind] = [_pair(row, ["baseline_margin", out["column"]]) for _, row in rows.iterrows()]
     return out
-
-
-def _provenance(provenance: dict[str, Any]) -> list[tuple[str, str]]:
-    items = []
-    for key in ("reference", "policy"):
-        model = provenance.get(key)
-        if isinstance(model, dict):
-            items.append((key, f"{model.get('name')} ({model.get('dtype')} on {model.get('device')})"))
-    dataset = provenance.get("dataset")
-    if isinstance(dataset, dict):
-        items.append(("dataset", f"{dataset.get('source')} (sha256 {str(dataset.get('content_sha256'))[:12]})"))
-    tokenization = provenance.get("tokenization")
-    if isinstance(tokenization, dict):
-        items.append(("tokenization", f"{tokenization.get('scheme')}, max_length {tokenization.get('max_length')}"))
-    if provenance.get("prefdiag_version"):
-        items.append(("prefdiag", str(provenance["prefdiag_version"])))
-    return items

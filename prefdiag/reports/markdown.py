@@ -21,9 +21,11 @@ from prefdiag.reports.common import (
     metric_rows,
     one_line,
     pair_sections,
+    provenance_rows,
 )
 
 MARKS = {"pass": "✅ pass", "fail": "❌ **FAIL**", "warn": "⚠️ warn"}
+# The per-pair numbers a list of pairs shows, in this order, headed with their units.
 _HEADERS = {"ref_margin": "ref margin (nats)", "policy_margin": "policy margin (nats)",
             "reward_margin": "reward margin (beta x nats)", "dpo_loss": "DPO loss"}  # fmt: skip
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
@@ -98,7 +100,7 @@ def render_markdown(table: pd.DataFrame | None, summary: dict[str, Any], n_worst
         lines += ["", "## Worst pairs, by finding"]
     for section in sections:
         worst = section.rows
-        numbers = [c for c in ("ref_margin", "policy_margin", "reward_margin", "dpo_loss") if c in worst.columns]
+        numbers = [c for c in _HEADERS if c in worst.columns]
         headers = [_HEADERS[c] for c in numbers] or ["flags"]
         lines += ["", f"### {md(section.title)}", "", f"{len(worst)} of {section.n} pairs, by {md(section.order)}.",
                   "", "| pair | " + " | ".join(headers) + " | prompt |"]  # fmt: skip
@@ -109,16 +111,8 @@ def render_markdown(table: pd.DataFrame | None, summary: dict[str, Any], n_worst
             else:
                 values = " | ".join(f"{row[c]:.3f}" for c in numbers)
             lines.append(f"| {_cell(row['pair_id'], 24)} | {values} | {_cell(row.get('prompt', ''), 60)} |")
-    provenance = summary.get("provenance", {})
     lines += ["", "## Provenance", ""]
-    for key in ("reference", "policy"):
-        if key in provenance:
-            model = provenance[key]
-            lines.append(f"- {key}: {md(model.get('name'))} ({md(model.get('dtype'))} on {md(model.get('device'))})")
-    dataset = provenance.get("dataset", {})
-    if dataset:
-        lines.append(f"- dataset: {md(dataset.get('source'))} (sha256 {md(str(dataset.get('content_sha256'))[:12])})")
-    lines.append(f"- prefdiag {md(provenance.get('prefdiag_version', ''))}")
+    lines += [f"- {key}: {md(text)}" for key, text in provenance_rows(summary.get("provenance") or {})]
     return "\n".join(lines) + "\n"
 
 

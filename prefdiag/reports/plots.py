@@ -12,6 +12,7 @@ from html import escape
 import numpy as np
 import pandas as pd
 
+from prefdiag import flags
 from prefdiag.reports.common import one_line
 
 QUADRANTS = {  # (x sign, y sign): name, colour; x = ref_margin, y = policy_margin
@@ -28,6 +29,8 @@ W, H, PAD_L, PAD_B, PAD_T, PAD_R = 480, 300, 52, 40, 12, 12
 
 @dataclass
 class Plot:
+    """One figure of the HTML report: inline SVG with its title, caption and alt text."""
+
     title: str
     caption: str
     svg: str
@@ -191,8 +194,9 @@ def quadrant_scatter(table: pd.DataFrame) -> Plot:
         return np.where(marked, NMR_COLOUR, "#37474f")
 
     n_nmr = int(nmr.sum()) if nmr is not None else 0
+    nmr_label = flags.label("negative_margin_regime")
     svg, shown = _scatter(table, "ref_margin", "policy_margin", "ref_margin (nats)", "policy_margin (nats)", True,
-                          colour_of, [("#37474f", "pair"), (NMR_COLOUR, f"negative-margin regime ({n_nmr})")],
+                          colour_of, [("#37474f", "pair"), (NMR_COLOUR, f"{nmr_label} ({n_nmr})")],
                           shade=True)  # fmt: skip
     n = int((table["ref_margin"].notna() & table["policy_margin"].notna()).sum())
     note = "" if shown >= n else f" {shown} of {n} pairs drawn (every flagged one, then an even sample)."
@@ -201,7 +205,7 @@ def quadrant_scatter(table: pd.DataFrame) -> Plot:
         "Both axes symmetric-log (linear near 0, so long responses do not squeeze the rest). Above the dashed "
         "diagonal the reward margin is positive; below the horizontal axis the policy still prefers the rejected "
         "answer. Hover a dot for its pair." + note,
-        svg, f"Scatter of ref_margin against policy_margin; {n_nmr} in the negative-margin regime.", wide=True,
+        svg, f"Scatter of ref_margin against policy_margin; {n_nmr} in the {nmr_label}.", wide=True,
     )  # fmt: skip
 
 
@@ -214,7 +218,7 @@ def length_scatter(table: pd.DataFrame) -> Plot:
 
     svg, _ = _scatter(frame, "length_difference", "ref_margin", "chosen tokens - rejected tokens", "ref_margin (nats)",
                       False, colour_of, [(CHOSEN, "reference prefers chosen"),
-                                         (REJECTED, "reference prefers rejected")])  # fmt: skip
+                                         (REJECTED, flags.label("ref_prefers_rejected"))])  # fmt: skip
     return Plot("Length difference against reference margin",
                 "A summed log-prob falls with length: a strong slope means the margins mostly measure length.", svg,
                 "Scatter of the length difference against ref_margin.")  # fmt: skip

@@ -29,7 +29,7 @@ from prefdiag.reports.common import (
 )
 
 LEVEL_STYLES = {"ok": "green", "warn": "yellow", "fail": "red", "none": "white"}
-MARKS = {"pass": ("✓ pass", "green"), "fail": ("✗ FAIL", "bold red"), "warn": ("! warn", "yellow")}
+STATUS_STYLES = {"pass": "green", "fail": "bold red", "warn": "yellow"}
 BLOCKS = " ▏▎▍▌▋▊▉█"
 NUMBERS = [("ref_margin", "ref"), ("policy_margin", "policy"), ("reward_margin", "reward"), ("dpo_loss", "loss")]
 UNITS = "ref, policy: margins in nats; reward: beta x (policy - ref margin); loss: DPO loss"
@@ -174,6 +174,7 @@ def _print_baseline(console: Console, summary: dict[str, Any]) -> None:
 
 
 def gate_table(summary: dict[str, Any]) -> Table | None:
+    """The gate's rules and results as a table (None when no rule was set)."""
     rows = gate_rows(summary)
     if not rows:
         return None
@@ -184,8 +185,8 @@ def gate_table(summary: dict[str, Any]) -> Table | None:
     table.add_column("observed", justify="right", no_wrap=True)
     table.add_column("severity", no_wrap=True)
     for row in rows:
-        mark, style = MARKS[row.status]
-        table.add_row(Text(mark, style=style), escape(row.name), row.condition, row.observed, row.severity)
+        table.add_row(Text(row.mark, style=STATUS_STYLES[row.status]), escape(row.name), row.condition, row.observed,
+                      row.severity)  # fmt: skip
     return table
 
 
