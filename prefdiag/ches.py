@@ -20,8 +20,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from prefdiag.options import HIGH_CHES_SHARE
+
 # The share of pairs flagged high_ches: the top 5% by ches_norm (SCIENCE.md).
-HIGH_CHES_TOP_SHARE = 0.05
+HIGH_CHES_TOP_SHARE = HIGH_CHES_SHARE  # defined once, in prefdiag.options
 CHES_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 

@@ -19,7 +19,7 @@ def base_name(key: str) -> str:
 
 
 def is_rate(key: str) -> bool:
-    return base_name(key).endswith(("_rate", "_accuracy"))
+    return base_name(key).endswith(("_rate", "_accuracy", "_accuracy_per_token"))
 
 
 def format_value(key: str, value: Any) -> str:

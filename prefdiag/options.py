@@ -29,7 +29,7 @@ BATCH_TOKENS = {"cuda": 16384, "cpu": 4096}
 FINGERPRINT_MAX_BYTES = 512 * 2**20
 DEFAULT_TOP = 10  # worst pairs shown in the reports
 DEFAULT_BETA = 0.1
-HIGH_CHES_SHARE = 0.05  # high_ches flags the top 5% of pairs by ches_norm (prefdiag.ches.HIGH_CHES_TOP_SHARE)
+HIGH_CHES_SHARE = 0.05  # high_ches flags the top 5% of pairs by ches_norm (prefdiag.ches)
 
 
 def default_batch_tokens(device_type: str) -> int:

@@ -250,3 +250,11 @@ def test_terminal_report_in_an_80_column_ci_log():
         assert "…" in line  # only the prompt is cut
     assert "✗ FAIL" in text and "✓ pass" in text and "! warn" in text and "Gate FAILED" in text
     assert "reward_margin distribution (12 pairs)" in text and "█" in text
+
+
+def test_per_token_accuracy_is_shown_as_a_percentage():
+    # It printed as 0.7928 beside "ranking accuracy 77.0%": the per-token key ends in _per_token, not _accuracy.
+    from prefdiag.formatting import format_value
+
+    assert format_value("ranking_accuracy_per_token", 0.7928) == "79.3%"
+    assert format_value("ranking_accuracy_per_token_drop", 0.01) == "+1.0 pp"
