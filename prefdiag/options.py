@@ -61,6 +61,7 @@ class RunOptions:
     cache_dir: str | None = None
     data_format: str = "auto"  # auto | standard | conversational | hh (see prefdiag.data)
     group_by: str | None = None  # a data column: summary["groups"] holds the metrics per value
+    tp: int = 1  # tensor-parallel ranks per model under torchrun (transformers' tp_plan="auto"); see prefdiag.parallel
     hash_weights: bool | None = None  # an in-memory model's cache identity: None hashes its weights up to
     # FINGERPRINT_MAX_BYTES (else no cache), True hashes any size, False never caches it
 
@@ -78,6 +79,10 @@ class RunOptions:
             raise UsageError(f"--max-length must be at least 2, got {self.max_length}")
         if self.batch_tokens is not None and self.batch_tokens < 1:
             raise UsageError(f"--batch-tokens must be positive, got {self.batch_tokens}")
+        if self.tp < 1:
+            raise UsageError(f"--tp must be at least 1, got {self.tp}")
+        if self.tp > 1 and self.shard:
+            raise UsageError("--tp and --shard are alternatives: --tp splits each model over ranks, --shard over GPUs")
 
     def record(self) -> dict[str, Any]:
         """The options as summary.json's provenance records them."""
