@@ -178,14 +178,15 @@ def _worker_pids(agent: subprocess.Popen) -> dict[int, int]:
 @pytest.mark.slow
 def test_a_killed_rank_fails_the_job_and_a_rerun_resumes(model_dirs, pairs_file, lora_policy, tmp_path, monkeypatch):
     rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
-    many = tmp_path / "many.jsonl"  # enough pairs that the policy pass lasts while a rank is killed
-    many.write_text("".join(json.dumps({**r, "id": f"{r['id']}-{k}"}) + "\n" for k in range(8) for r in rows))
+    many = tmp_path / "many.jsonl"  # enough pairs that the job lasts while a rank is killed
+    many.write_text("".join(json.dumps({**r, "id": f"{r['id']}-{k}", "prompt": f"{k}. {r['prompt']}"}) + "\n"
+                            for k in range(8) for r in rows))  # fmt: skip
     out, cache, expected = tmp_path / "out", tmp_path / "cache", tmp_path / "expected"
     args = [*_scoring_args("compare", many, out, str(model_dirs["llama"]), lora_policy), "--layout", "separate"]
     agent = subprocess.Popen(_torchrun(2, args), env=_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)  # fmt: skip
     deadline = time.monotonic() + 300
-    # The reference pass is over on both ranks once each has written its shard; kill rank 1 in the policy pass.
+    # The reference pass is over on both ranks once each has written its shard: kill rank 1 there.
     while len(list(cache.glob("*/shard-*.parquet"))) < 2 and agent.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     pids = _worker_pids(agent)
@@ -195,6 +196,7 @@ def test_a_killed_rank_fails_the_job_and_a_rerun_resumes(model_dirs, pairs_file,
     assert agent.returncode != 0
     assert not out.exists() or not any(out.iterdir())  # no partial outputs
     assert "rank      : 1" in stderr and "SIGKILL" in stderr  # torchrun names the failed rank and the signal
+    # rank 0 either saw the lost peer first ("Error: a rank stopped before reporting ...") or torchrun's SIGTERM
 
     _single(args, cache, monkeypatch)  # the rerun, here with one process: the reference comes from the cache
     _single([*args[:args.index("-o")], "-o", str(expected), "--format", "json", "--no-cache"], cache, monkeypatch)
@@ -202,7 +204,7 @@ def test_a_killed_rank_fails_the_job_and_a_rerun_resumes(model_dirs, pairs_file,
     provenance = json.loads((out / "summary.json").read_text())["provenance"]
     assert provenance["reference"]["pairs_from_cache"] == len(rows) * 8
     assert "layout" not in provenance["reference"]  # the reference was not loaded again
-    assert 0 < provenance["policy"]["pairs_from_cache"] < len(rows) * 8  # rank 0 saved its policy pairs when stopped
+    assert provenance["policy"]["layout"] == "separate"  # the policy pass, cut short, was scored again
 
 
 @pytest.mark.slow
