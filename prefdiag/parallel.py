@@ -109,6 +109,10 @@ class RankFailed(RunError):
     """Another rank (or this one) failed while scoring; the message names the rank and its cause."""
 
 
+class RankRefused(UsageError):
+    """Another rank refused its model or input (exit 2, as that rank's own error); the message names the rank."""
+
+
 class DistributedScorer:
     """Scores this rank's share of the pairs with ``inner`` (typically a CachedScorer around a ModelScorer, so each
     rank reads and writes the cache for its own pairs), then every rank gets every pair's results.
@@ -169,9 +173,9 @@ class DistributedScorer:
         failed = [(r, s) for r, s in enumerate(statuses) if not s["ok"]]
         if failed:
             first, info = failed[0]
-            if not status["ok"] and first == distributed.rank() and info.get("usage"):
-                raise failure  # a bad model or input: its own exit code (2) and message, on every failed rank
-            raise RankFailed(f"rank {first} failed: {info['cause']}")
+            if not status["ok"] and info.get("usage"):
+                raise failure  # a bad model or input: its own message and exit code (2) on each rank that refused
+            raise (RankRefused if info.get("usage") else RankFailed)(f"rank {first} failed: {info['cause']}")
         sent = share if tp_lead else share[:0]
         values = {"chosen": chosen[sent], "rejected": rejected[sent]}
         values.update({f"extra:{k}": np.asarray(v, float)[sent] for k, v in getattr(self.inner, "extras", {}).items()})

@@ -59,7 +59,7 @@ def _single(args: list[str], cache_dir: Path, monkeypatch) -> None:
     assert result.exit_code == 0, result.output
 
 
-def assert_same_run(expected: Path, got: Path) -> None:
+def assert_same_run(expected: Path, got: Path, ignore: tuple[str, ...] = ("provenance",)) -> None:
     """Same rows in the same order, identical non-float columns and flags, log-probs to fp32 rounding, and the
     summary equal apart from provenance (floats to the same tolerance)."""
     a, b = pd.read_parquet(expected / "pairs.parquet"), pd.read_parquet(got / "pairs.parquet")
@@ -73,8 +73,8 @@ def assert_same_run(expected: Path, got: Path) -> None:
         else:
             assert a[column].astype(str).tolist() == b[column].astype(str).tolist(), column
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (expected, got))
-    _assert_close_tree({k: v for k, v in sa.items() if k != "provenance"},
-                       {k: v for k, v in sb.items() if k != "provenance"}, "", scale)  # fmt: skip
+    _assert_close_tree({k: v for k, v in sa.items() if k not in ignore},
+                       {k: v for k, v in sb.items() if k not in ignore}, "", scale)  # fmt: skip
 
 
 def _assert_close_tree(a, b, where: str, scale: float) -> None:
@@ -251,3 +251,37 @@ def test_tp_needs_as_many_processes(model_dirs, pairs_file, tmp_path):
                                 + ["--tp", "2"])  # fmt: skip
     assert result.exit_code == 2
     assert "--tp 2 needs exactly 2 processes" in result.output
+
+
+@pytest.mark.slow
+def test_library_call_in_a_process_group_and_a_failing_rank(model_dirs, pairs_file, tmp_path, monkeypatch):
+    reference, policy = str(model_dirs["llama"]), str(model_dirs["llama-policy"])
+    worker = Path(__file__).with_name("parallel_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_free_port()}",
+               str(worker), str(tmp_path), reference, policy, str(pairs_file)]  # fmt: skip
+    run = subprocess.run(command, env=_env(tmp_path / "cache"), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    expected = tmp_path / "expected"
+    args = [*_scoring_args("compare", pairs_file, expected, reference, policy), "--no-cache"]
+    _single(args, tmp_path / "cache", monkeypatch)
+    for name in ("summary.json", "pairs.parquet"):
+        assert (tmp_path / "run" / name).exists()
+    assert_same_run(expected, tmp_path / "run", ignore=("provenance", "gate"))  # the CLI adds the gate's outcome
+    faults = [json.loads((tmp_path / f"fault-{r}.json").read_text()) for r in range(2)]
+    # No rank hangs: rank 1 raises its own error (a bad model: exit 2), rank 0 one that names rank 1 and the cause.
+    assert [f["type"] for f in faults] == ["RankRefused", "ModelError"]
+    assert faults[0]["message"].startswith("rank 1 failed: ") and faults[0]["message"].endswith(faults[1]["message"])
+    assert "nan" in faults[1]["message"].lower(), faults
+
+
+@pytest.mark.slow
+def test_accelerate_launch(model_dirs, pairs_file, lora_policy, single_compare, tmp_path):
+    out = tmp_path / "out"
+    launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
+              "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={_free_port()}"]  # fmt: skip
+    args = _scoring_args("compare", pairs_file, out, str(model_dirs["llama"]), lora_policy)
+    run = subprocess.run([sys.executable, *launch, "-m", "prefdiag", *args], env=_env(tmp_path), capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_run(single_compare, out)
+    assert json.loads(run.stdout)["provenance"]["world_size"] == 2  # a CPU-only machine: gloo
