@@ -106,11 +106,16 @@ def data_parallel_layout(tp: int = 1) -> tuple[int, int]:
 
 
 class RankFailed(RunError):
-    """Another rank (or this one) failed while scoring; the message names the rank and its cause."""
+    """Another rank failed while scoring; the message names the rank and its cause. Raised on every rank that did
+    not fail itself; the CLI prints it on rank 0 only (``echoes_another_rank``)."""
+
+    echoes_another_rank = True
 
 
 class RankRefused(UsageError):
     """Another rank refused its model or input (exit 2, as that rank's own error); the message names the rank."""
+
+    echoes_another_rank = True
 
 
 class DistributedScorer:

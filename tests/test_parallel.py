@@ -285,3 +285,18 @@ def test_accelerate_launch(model_dirs, pairs_file, lora_policy, single_compare, 
     assert run.returncode == 0, run.stderr[-3000:]
     assert_same_run(single_compare, out)
     assert json.loads(run.stdout)["provenance"]["world_size"] == 2  # a CPU-only machine: gloo
+
+
+@pytest.mark.parametrize("rank, printed", [("0", True), ("1", False)])
+def test_another_ranks_failure_is_printed_once_by_rank_0(rank, printed, monkeypatch, capsys):
+    from prefdiag.cli._errors import report_error
+    from prefdiag.errors import ModelError
+    from prefdiag.parallel import RankFailed, RankRefused
+
+    monkeypatch.setenv("RANK", rank)
+    assert report_error(RankFailed("rank 2 failed: RuntimeError: boom")) == 3
+    assert report_error(RankRefused("rank 2 failed: bad weights")) == 2
+    err = capsys.readouterr().err
+    assert ("Error: rank 2 failed: RuntimeError: boom" in err) is printed and ("bad weights" in err) is printed
+    assert report_error(ModelError("my own model has NaN weights")) == 2  # a rank's own error: always printed
+    assert "my own model has NaN weights" in capsys.readouterr().err
