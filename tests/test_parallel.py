@@ -129,6 +129,8 @@ def test_compare_gives_the_single_process_table(nproc, model_dirs, pairs_file, l
     assert summary["provenance"]["policy"]["tensor_parallel_size"] == 1
     assert summary["provenance"]["reference"]["pairs_from_cache"] == 0
     assert run.stderr.count("wrote pairs.parquet") == 1  # the other ranks print nothing
+    bars = [line for line in run.stderr.splitlines() if line.startswith("scoring ")]
+    assert len(bars) == 2 and all(" 24/24 pairs" in bar for bar in bars), bars  # rank 0's bar counts every rank
     shards = list((tmp_path).glob("*/shard-*.parquet"))
     assert len(shards) == 2 * nproc  # each rank wrote its own pairs of each model to the cache
 
