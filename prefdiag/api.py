@@ -145,7 +145,12 @@ def _score(
     from prefdiag import models
     from prefdiag.sources import LoadedModels
 
+    from prefdiag import parallel
+
     device = models.resolve_device(options.device)
+    parallel.init_from_launcher(device.type)  # under torchrun / accelerate launch: join the process group
+    device = parallel.local_device(device)
+    parallel.check_tp(options.tp)
     dtype = models.resolve_dtype(options.dtype, device)
     loaded = LoadedModels(options, device, dtype)
     sources = {"reference": _source("reference", reference, None, options, loaded)}
@@ -172,6 +177,7 @@ def _score(
     )
     first = next(iter(sources.values()))
     provenance: dict[str, Any] = {"tokenization": tokenized.settings, "device": str(first.device)}
+    provenance["world_size"] = parallel.world_size()
     passes = _ModelPasses(tokenized, options, progress)
     try:
         for label, source in sources.items():
@@ -332,6 +338,9 @@ class _ModelPasses:
             scorer = CachedScorer(engine, cache, self.keys, extras=_wanted_extras(settings))
         elif options.cache:
             log.info("%s: an in-memory model too large to fingerprint cheaply is not cached", label)
+        from prefdiag import parallel
+
+        scorer = parallel.distribute(scorer, bar, options.tp)  # several processes: each scores its share
         scores = scorer.score(self.tokenized)
         if not engine.record:
             log.info("%s: all %d pairs found in the cache; model not loaded", label, len(self.tokenized))
@@ -339,7 +348,8 @@ class _ModelPasses:
             **(identity or {}),
             "device": str(source.device),
             "pairs_from_cache": getattr(scorer, "pairs_from_cache", 0),
-            **engine.record,
+            **(getattr(scorer, "record", None) or engine.record),
+            "tensor_parallel_size": options.tp,
         }
         return scores, dict(scorer.extras), record
 

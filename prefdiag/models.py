@@ -138,6 +138,7 @@ def load_model(
     trust_remote_code: bool = False,
     what: str = "model",
     shard: bool = False,
+    tp: int = 1,
 ) -> LoadedModel:
     """Load a causal LM in eval mode (dropout off) on the device, preferring safetensors and SDPA attention;
     ``shard`` spreads its layers over every visible GPU (transformers' ``device_map="auto"``)."""
@@ -145,7 +146,11 @@ def load_model(
 
     check_model_path(name, what)
     kwargs = dict(revision=revision, dtype=dtype, trust_remote_code=trust_remote_code)
-    if shard:
+    if tp > 1:  # tensor parallel over tp ranks of the process group (prefdiag.parallel)
+        from prefdiag.parallel import tensor_parallel_kwargs
+
+        kwargs.update(tensor_parallel_kwargs(name, tp, device, revision=revision, trust_remote_code=trust_remote_code))
+    elif shard:
         kwargs["device_map"] = "auto"
     elif device.type == "cuda":
         kwargs["device_map"] = {"": device.index or 0}  # weights go straight to the GPU, never staged on the CPU
@@ -158,7 +163,7 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="eager", **kwargs)
     except Exception as exc:
         raise ModelError(f"cannot load {what} {name!r}: {first_line(exc)}", hint=hub_hint(name)) from exc
-    if not shard:
+    if not shard and tp == 1:
         model.to(device)
     model.eval()
     commit = getattr(model.config, "_commit_hash", None)

@@ -69,6 +69,7 @@ class RunOptions:
     chat_template: str | None = None  # a Jinja file put on the tokenizer (replacing any chat template it has)
     compat: str = "trl1"  # tokenization conventions: trl1 (TRL 1.x), trl0 (TRL 0.x), rewardbench
     max_prompt_length: int | None = None  # trl0 / rewardbench: the prompt truncated from the left to this length
+    tp: int = 1  # tensor-parallel ranks per model under torchrun (transformers' tp_plan="auto"); see prefdiag.parallel
     hash_weights: bool | None = None  # an in-memory model's cache identity: None hashes its weights up to
     # FINGERPRINT_MAX_BYTES (else no cache), True hashes any size, False never caches it
 
@@ -93,6 +94,10 @@ class RunOptions:
             raise UsageError(f"--max-length must be at least 2, got {self.max_length}")
         if self.batch_tokens is not None and self.batch_tokens < 1:
             raise UsageError(f"--batch-tokens must be positive, got {self.batch_tokens}")
+        if self.tp < 1:
+            raise UsageError(f"--tp must be at least 1, got {self.tp}")
+        if self.tp > 1 and self.shard:
+            raise UsageError("--tp and --shard are alternatives: --tp splits each model over ranks, --shard over GPUs")
 
     def record(self) -> dict[str, Any]:
         """The options as summary.json's provenance records them."""

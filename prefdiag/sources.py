@@ -56,6 +56,7 @@ class LoadedModels:
             self.current = models.load_model(
                 name, dtype=self.dtype, device=self.device, revision=revision,
                 trust_remote_code=self.options.trust_remote_code, what=what, shard=self.options.shard,
+                tp=getattr(self.options, "tp", 1),
             )  # fmt: skip
         return self.current
 

@@ -44,6 +44,8 @@ def exit_code_for(exc: BaseException) -> int:
 
 def report_error(exc: BaseException) -> int:
     """Print a one-line error (a hint on a second line), the traceback only with PREFDIAG_DEBUG=1; return the code."""
+    if getattr(exc, "echoes_another_rank", False) and os.environ.get("RANK", "0") not in ("", "0"):
+        return exit_code_for(exc)  # under torchrun: rank 0 prints that another rank failed, once (prefdiag.parallel)
     if os.environ.get("PREFDIAG_DEBUG") == "1":
         traceback.print_exception(exc, file=sys.stderr)
     if isinstance(exc, KeyboardInterrupt):  # Ctrl-C or SIGTERM: not an error, one line saying where it stopped

@@ -46,8 +46,10 @@ def finish(
     """Compare with the baseline, gate, write every output, print the report (``gate_only``: the gate table and
     the verdict alone); exit 1 when an error rule failed. A rule the finished summary cannot evaluate still leaves
     the outputs written before it exits 2."""
-    from prefdiag.cli._output import emit, write
+    from prefdiag.cli._output import emit, other_rank, write
 
+    if other_rank():  # under torchrun every rank holds the whole result; rank 0 alone writes and prints it
+        output, quiet = None, True
     if plan.baseline is not None:
         result.compare_with_baseline(plan.baseline)
     try:
@@ -58,7 +60,8 @@ def finish(
         raise
     if output is not None:
         write(result, output, table_format, top, quiet)
-    result.append_step_summary(top)
-    emit(result.pairs, result.summary, fmt, top, gate_only)
+    if not other_rank():
+        result.append_step_summary(top)
+        emit(result.pairs, result.summary, fmt, top, gate_only)
     if not outcome["passed"]:
         raise typer.Exit(EXIT_GATE_FAILED)

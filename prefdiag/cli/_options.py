@@ -169,6 +169,14 @@ CacheDir = Annotated[
     Optional[str],
     typer.Option(help="Log-prob cache directory \\[default: $PREFDIAG_CACHE_DIR or ~/.cache/prefdiag]."),
 ]
+Tp = Annotated[
+    int,
+    typer.Option(
+        "--tp", metavar="N", min=1,
+        help="Under torchrun: split each model over N ranks with transformers' tensor-parallel plan "
+        "(tp_plan='auto'); W ranks make W/N data-parallel groups. See docs/distributed.md",
+    ),
+]  # fmt: skip
 Quiet = Annotated[
     bool, typer.Option("--quiet", "-q", metavar="", help="Nothing on stderr but errors: no progress, logs or file list")
 ]

@@ -25,7 +25,13 @@ def setup_logging(quiet: bool) -> None:
         _setup_logging(quiet)
 
 
+def other_rank() -> bool:
+    """True on a process other than rank 0 under torchrun / accelerate launch: it prints nothing but errors."""
+    return os.environ.get("RANK", "0") not in ("", "0")
+
+
 def _setup_logging(quiet: bool) -> None:
+    quiet = quiet or other_rank()
     level = logging.ERROR if quiet else logging.WARNING
     handler = RichHandler(console=stderr, show_path=False)
     logging.basicConfig(level=level, handlers=[handler], force=True, format="%(message)s")
@@ -49,7 +55,7 @@ class ProgressBars:
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             console=stderr,
-            disable=quiet,
+            disable=quiet or other_rank(),
         )
 
     def __enter__(self) -> "ProgressBars":

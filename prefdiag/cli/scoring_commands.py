@@ -50,6 +50,7 @@ def audit(
     batch_tokens: o.BatchTokens = None,
     layout: o.LayoutOpt = o.Layout.prefix,
     shard: o.Shard = False,
+    tp: o.Tp = 1,
     tokenizer: o.Tokenizer = None,
     revision: o.Revision = None,
     revision_alias: o.RevisionAlias = None,
@@ -100,7 +101,7 @@ def audit(
         check_output_dir(output)  # before any model loads
     options = _options(
         beta=beta, max_length=max_length, dtype=dtype, device=device, batch_tokens=batch_tokens, layout=layout,
-        shard=shard,
+        shard=shard, tp=tp,
         tokenizer=tokenizer, reference_revision=revision or revision_alias, trust_remote_code=trust_remote_code,
         split=split,
         prompt_column=prompt_column, chosen_column=chosen_column, rejected_column=rejected_column,
@@ -126,6 +127,7 @@ def compare(
     batch_tokens: o.BatchTokens = None,
     layout: o.LayoutOpt = o.Layout.prefix,
     shard: o.Shard = False,
+    tp: o.Tp = 1,
     tokenizer: o.Tokenizer = None,
     revision: o.Revision = None,
     revision_alias: o.RevisionAlias = None,
@@ -174,7 +176,7 @@ def compare(
         check_output_dir(output)  # before any model loads
     options = _options(
         beta=beta, max_length=max_length, dtype=dtype, device=device, batch_tokens=batch_tokens, layout=layout,
-        shard=shard,
+        shard=shard, tp=tp,
         tokenizer=tokenizer, reference_revision=revision or revision_alias, policy_revision=policy_revision,
         trust_remote_code=trust_remote_code, split=split, prompt_column=prompt_column,
         chosen_column=chosen_column, rejected_column=rejected_column, id_column=id_column,

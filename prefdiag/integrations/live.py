@@ -1,5 +1,6 @@
 """Scoring a live policy (and reference) already in memory, through the library's own path: the pairs tokenized
-as TRL does once, LogProbScorer on each module in turn, then diagnostics; each process scores its share of pairs.
+as TRL does once, LogProbScorer on each module in turn, then diagnostics; under torch.distributed each process scores
+its share of the pairs through prefdiag.parallel.DistributedScorer, as prefdiag compare does.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from prefdiag import distributed
+from prefdiag import parallel
 from prefdiag.diagnostics import add_pair_metrics, summarize
 from prefdiag.scoring import LogProbScorer, ScoreSettings
 from prefdiag.tokenization import TokenizedPairs, tokenize_pairs
@@ -55,23 +56,17 @@ def score_live(
     Under torch.distributed each rank scores its token-balanced share and every rank gets the same full result.
     The numbers are those of ``prefdiag compare`` on the same weights (see api.compare)."""
     n = len(tokenized)
-    lengths = tokenized.prompt_tokens + tokenized.chosen_tokens + tokenized.rejected_tokens
-    share = distributed.my_share(lengths)
-    share = share[~tokenized.dropped[share]]
     settings = ScoreSettings(batch_tokens=batch_tokens)
-    values: dict[str, np.ndarray] = {}
+    gathered: dict[str, np.ndarray] = {}
     with scoring_mode(policy):
-        values["policy_chosen_logp"], values["policy_rejected_logp"] = LogProbScorer(policy, settings).score(
-            tokenized, pairs=share
-        )
+        gathered["policy_chosen_logp"], gathered["policy_rejected_logp"] = _score_shared(policy, tokenized, settings)
         if ref_logps is None:
             with reference_context():
                 module = reference if reference is not None else policy
                 with scoring_mode(module):
-                    values["ref_chosen_logp"], values["ref_rejected_logp"] = LogProbScorer(module, settings).score(
-                        tokenized, pairs=share
+                    gathered["ref_chosen_logp"], gathered["ref_rejected_logp"] = _score_shared(
+                        module, tokenized, settings
                     )
-    gathered = distributed.gather_pairs(n, share, {k: v[share] for k, v in values.items()}, to_all=True)
     if ref_logps is not None:
         gathered["ref_chosen_logp"] = np.asarray(ref_logps[0], dtype=np.float64)
         gathered["ref_rejected_logp"] = np.asarray(ref_logps[1], dtype=np.float64)
@@ -92,3 +87,9 @@ def score_live(
     )
     table = add_pair_metrics(table, beta)
     return table, summarize(table, beta)
+
+
+def _score_shared(module: torch.nn.Module, tokenized: TokenizedPairs, settings: ScoreSettings):
+    """Every pair's log-probs under ``module``, each rank scoring its share: prefdiag compare's DistributedScorer
+    (prefdiag.parallel) around the engine, so the callback and the CLI split and gather the same way."""
+    return parallel.distribute(LogProbScorer(module, settings)).score(tokenized)
