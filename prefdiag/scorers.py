@@ -72,7 +72,7 @@ class ModelScorer:
 
         with self.source.ready() as model:
             engine = LogProbScorer(model, self.settings)
-            with phase("score"), interrupt.deferred():
+            with interrupt.deferred(), phase("score"):  # deferring first: a signal as the phase starts waits too
                 chosen, rejected = engine.score(tokenized, progress, todo, pairs_done)
             interrupt.check(done_so_far, len(todo))
             self.record = self.source.provenance()
