@@ -84,3 +84,17 @@ main()
 """
     done = subprocess.run([sys.executable, "-c", code, str(SAMPLE / "pairs.jsonl")], capture_output=True, text=True)
     assert done.returncode == 130 and done.stderr.strip() == "interrupted", done.stderr
+
+
+def test_a_signal_as_scoring_starts_still_waits_for_the_batch_end(tmp_path):
+    """The signal lands the moment the scoring phase is announced: it must already be deferred (it stopped at once,
+    without the count, when the phase was entered before deferring began: a race the test above hit under load)."""
+    wrapper = WRAPPER.replace(
+        'print("SCORING", file=sys.stderr, flush=True)', "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"
+    )
+    env = {**os.environ, "PREFDIAG_CACHE_DIR": str(tmp_path / "cache")}
+    args = ["audit", str(SAMPLE / "pairs.jsonl"), "-r", str(SAMPLE / "models" / "reference"), "--device", "cpu",
+            "--batch-tokens", "128", "-q", "-o", str(tmp_path / "out")]  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", wrapper, *args], env=env, text=True, capture_output=True, timeout=300)
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.strip().startswith("interrupted after ") and "of 304 pairs" in done.stderr, done.stderr
