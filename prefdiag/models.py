@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 
 from prefdiag.errors import ModelError, first_line
+from prefdiag.fast_loading import from_local_safetensors, no_sdpa
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def load_model(
     elif device.type == "cuda":
         kwargs["device_map"] = {"": device.index or 0}  # weights go straight to the GPU, never staged on the CPU
     # the fast path: a plain local safetensors checkpoint, read straight into a model built without initialising
-    model = _from_local_safetensors(name, dtype, trust_remote_code) if device.type == "cpu" and not shard else None
+    model = from_local_safetensors(name, dtype, trust_remote_code) if device.type == "cpu" and not shard else None
     if model is None:
         model = _from_pretrained(name, what, kwargs)
     if not shard:
@@ -175,87 +175,11 @@ def _from_pretrained(name: str, what: str, kwargs: dict[str, Any]) -> torch.nn.M
         try:
             return AutoModelForCausalLM.from_pretrained(name, attn_implementation="sdpa", **kwargs)
         except ValueError as exc:  # an architecture without SDPA support
-            if not _no_sdpa(exc):
+            if not no_sdpa(exc):
                 raise
             return AutoModelForCausalLM.from_pretrained(name, attn_implementation="eager", **kwargs)
     except Exception as exc:
         raise ModelError(f"cannot load {what} {name!r}: {first_line(exc)}", hint=hub_hint(name)) from exc
-
-
-def _no_sdpa(exc: ValueError) -> bool:
-    """True for transformers' refusal of SDPA attention (its message names sdpa or scaled_dot_product_attention)."""
-    message = str(exc).lower()
-    return "sdpa" in message or "scaled_dot_product_attention" in message
-
-
-def _from_local_safetensors(name: str, dtype: torch.dtype, trust_remote_code: bool) -> torch.nn.Module | None:
-    """A local directory with one ``model.safetensors``, loaded as ``from_pretrained`` would load it but several
-    times faster: the model is built without initialising its weights and the file's tensors are assigned to it.
-    None (``from_pretrained`` does it) for anything else: sharded, quantized or remote-code checkpoints, weights
-    that need renaming or converting, keys missing (other than a tied head) or unexpected, shapes that differ."""
-    path = Path(name)
-    weights = path / "model.safetensors"
-    if not weights.is_file() or not (path / "config.json").is_file():
-        return None
-    try:
-        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        if not isinstance(raw, dict) or "quantization_config" in raw or "auto_map" in raw:
-            return None
-        return _assigned_model(name, weights, dtype, trust_remote_code)
-    except Exception as exc:  # anything unusual: from_pretrained loads it, or names the problem
-        log.debug("fast loading of %s gave way to from_pretrained: %s", name, first_line(exc, with_type=True))
-        return None
-
-
-def _assigned_model(name: str, weights: Path, dtype: torch.dtype, trust_remote_code: bool) -> torch.nn.Module | None:
-    import safetensors
-    import safetensors.torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.initialization import no_init_weights
-
-    with safetensors.safe_open(str(weights), framework="pt") as handle:
-        if (handle.metadata() or {}).get("format", "pt") != "pt":
-            return None
-    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-    with no_init_weights():
-        try:
-            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
-        except ValueError as exc:  # an architecture without SDPA support, as in _from_pretrained
-            if not _no_sdpa(exc):
-                raise
-            model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=dtype)
-    if model.is_custom_code():
-        return None
-    if dtype != torch.float32 and (getattr(model, "_keep_in_fp32_modules", None)
-                                   or getattr(model, "_keep_in_fp32_modules_strict", None)):
-        return None
-    expected = model.state_dict()
-    state = safetensors.torch.load_file(str(weights))
-    if _needs_conversion(get_model_conversion_mapping(model, add_legacy=False), state.keys()):
-        return None
-    missing = expected.keys() - state.keys()
-    if state.keys() - expected.keys() or missing - set(model.all_tied_weights_keys):
-        return None
-    if any(tensor.shape != expected[key].shape for key, tensor in state.items()):
-        return None
-    state = {key: tensor.to(expected[key].dtype) for key, tensor in state.items()}
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights(missing_keys=set(missing), recompute_mapping=False)
-    return model
-
-
-def _needs_conversion(transforms: list, keys) -> bool:
-    """True when transformers would rename or convert some of these checkpoint keys on loading: any converter, or
-    a renaming whose source pattern matches a key (a checkpoint saved by this transformers matches none)."""
-    from transformers.core_model_loading import WeightRenaming
-
-    for transform in transforms:
-        if type(transform) is not WeightRenaming:
-            return True
-        if any(re.search(pattern, key) for pattern in transform.source_patterns for key in keys):
-            return True
-    return False
 
 
 def is_adapter(name: str) -> bool:
@@ -336,7 +260,11 @@ def vocabulary_size(model: torch.nn.Module) -> int:
 
 
 def config_vocabulary_size(name: str, *, revision: str | None = None, trust_remote_code: bool = False) -> int | None:
-    """The vocabulary size a model's config declares, read without loading weights."""
+    """The vocabulary size a model's config declares, read without loading weights (a local config.json that
+    declares it is read as JSON: no AutoConfig)."""
+    declared = _declared_vocabulary_size(name)
+    if declared is not None:
+        return declared
     from transformers import AutoConfig
 
     try:
@@ -345,6 +273,23 @@ def config_vocabulary_size(name: str, *, revision: str | None = None, trust_remo
         raise ModelError(f"cannot read the config of {name!r}: {first_line(exc)}") from exc
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return getattr(config, "vocab_size", None)
+
+
+def _declared_vocabulary_size(name: str) -> int | None:
+    """vocab_size from a local config.json (its text_config's for a multimodal model), None where it is not
+    written there or the file cannot be read (AutoConfig then supplies the class default or names the problem)."""
+    path = Path(name) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    text = config.get("text_config")
+    size = (text if isinstance(text, dict) else config).get("vocab_size")
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
 
 
 def check_same_vocabulary(

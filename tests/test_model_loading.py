@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_architectures import ARCHITECTURES, _tiny_model
 
-from prefdiag import models
+from prefdiag import fast_loading, models
 
 CPU = torch.device("cpu")
 
@@ -49,7 +49,7 @@ CONVERTED = {"gpt_neox", "mixtral"}
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
 def test_the_fast_path_loads_what_from_pretrained_loads(tmp_path, model_type):
     _tiny_model(model_type, 300).save_pretrained(tmp_path)
-    fast = models._from_local_safetensors(str(tmp_path), torch.float32, False)
+    fast = fast_loading.from_local_safetensors(str(tmp_path), torch.float32, False)
     if model_type in CONVERTED:
         assert fast is None
     else:
@@ -62,7 +62,7 @@ def test_the_fast_path_loads_what_from_pretrained_loads(tmp_path, model_type):
 @pytest.mark.parametrize("style", ["llama", "qwen", "gpt2"])  # untied head, tied head, tied (Conv1D) head
 def test_tied_and_untied_heads_and_a_cast_to_bfloat16(model_dirs, style):
     loaded = models.load_model(str(model_dirs[style]), dtype=torch.float32, device=CPU)
-    assert models._from_local_safetensors(str(model_dirs[style]), torch.float32, False) is not None
+    assert fast_loading.from_local_safetensors(str(model_dirs[style]), torch.float32, False) is not None
     _assert_same_model(loaded.model, _reference_load(model_dirs[style]))
     assert loaded.model.config._name_or_path == str(model_dirs[style])
     bf16 = models.load_model(str(model_dirs[style]), dtype=torch.bfloat16, device=CPU)
@@ -89,8 +89,9 @@ def test_a_sharded_checkpoint_goes_to_from_pretrained(model_dirs, tmp_path):
     model = _reference_load(model_dirs["llama"])
     model.save_pretrained(tmp_path, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
-    assert models._from_local_safetensors(str(tmp_path), torch.float32, False) is None
-    _assert_same_model(models.load_model(str(tmp_path), dtype=torch.float32, device=CPU).model, _reference_load(tmp_path))
+    assert fast_loading.from_local_safetensors(str(tmp_path), torch.float32, False) is None
+    loaded = models.load_model(str(tmp_path), dtype=torch.float32, device=CPU)
+    _assert_same_model(loaded.model, _reference_load(tmp_path))
 
 
 @pytest.mark.parametrize("change", ["extra key", "missing key", "other shape"])
@@ -106,7 +107,7 @@ def test_keys_or_shapes_that_do_not_match_go_to_from_pretrained(model_dirs, tmp_
             state["model.norm.weight"] = torch.ones(7)
 
     _rewrite_weights(path, edit)
-    assert models._from_local_safetensors(str(path), torch.float32, False) is None
+    assert fast_loading.from_local_safetensors(str(path), torch.float32, False) is None
 
 
 def test_a_missing_tied_head_is_tied_as_from_pretrained_ties_it(model_dirs, tmp_path):
@@ -114,7 +115,7 @@ def test_a_missing_tied_head_is_tied_as_from_pretrained_ties_it(model_dirs, tmp_
 
     path = _copy(model_dirs, tmp_path, "qwen")
     assert "lm_head.weight" not in safetensors.torch.load_file(str(path / "model.safetensors"))
-    fast = models._from_local_safetensors(str(path), torch.float32, False)
+    fast = fast_loading.from_local_safetensors(str(path), torch.float32, False)
     assert fast is not None and _tied(fast)
 
 
@@ -124,7 +125,7 @@ def test_quantized_and_remote_code_configs_go_to_from_pretrained(model_dirs, tmp
     config = json.loads((path / "config.json").read_text())
     config[key] = {"quant_method": "bitsandbytes"} if key == "quantization_config" else {"AutoModel": "x.Y"}
     (path / "config.json").write_text(json.dumps(config))
-    assert models._from_local_safetensors(str(path), torch.float32, False) is None
+    assert fast_loading.from_local_safetensors(str(path), torch.float32, False) is None
 
 
 def test_a_checkpoint_without_safetensors_goes_to_from_pretrained(model_dirs, tmp_path):
@@ -132,7 +133,7 @@ def test_a_checkpoint_without_safetensors_goes_to_from_pretrained(model_dirs, tm
     state = _reference_load(path).state_dict()
     (path / "model.safetensors").unlink()
     torch.save(state, path / "pytorch_model.bin")
-    assert models._from_local_safetensors(str(path), torch.float32, False) is None
+    assert fast_loading.from_local_safetensors(str(path), torch.float32, False) is None
     _assert_same_model(models.load_model(str(path), dtype=torch.float32, device=CPU).model, _reference_load(path))
 
 
@@ -143,3 +144,36 @@ def test_an_architecture_without_sdpa_loads_with_eager_attention(tmp_path):
     assert loaded.model.config._attn_implementation == "eager"
     model = models._from_pretrained(str(tmp_path), "model", dict(dtype=torch.float32))
     assert model.config._attn_implementation == "eager"
+
+
+@pytest.fixture
+def config_loads(monkeypatch):
+    """The names AutoConfig.from_pretrained is called with (it still runs)."""
+    from transformers import AutoConfig
+
+    calls, original = [], AutoConfig.from_pretrained.__func__
+
+    def counted(cls, name, *args, **kwargs):
+        calls.append(str(name))
+        return original(cls, name, *args, **kwargs)
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", classmethod(counted))
+    return calls
+
+
+@pytest.mark.parametrize("style", ["llama", "qwen", "gpt2"])
+def test_a_local_vocabulary_size_is_read_from_config_json(model_dirs, style, config_loads):
+    from transformers import AutoConfig
+
+    size = models.config_vocabulary_size(str(model_dirs[style]))
+    assert config_loads == []
+    assert size == AutoConfig.from_pretrained(model_dirs[style]).vocab_size
+
+
+def test_a_config_json_without_vocab_size_asks_autoconfig(model_dirs, tmp_path, config_loads):
+    path = _copy(model_dirs, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    del config["vocab_size"]
+    (path / "config.json").write_text(json.dumps(config))
+    assert models.config_vocabulary_size(str(path)) == 32000  # LlamaConfig's default, as AutoConfig gives it
+    assert config_loads == [str(path)]
