@@ -49,3 +49,16 @@ def test_a_one_pair_compare_loads_each_thing_once_and_imports_no_plotting_librar
     assert calls.get("AutoTokenizer", 0) == 1  # the policy's vocabulary is compared from its files
     assert calls.get("AutoConfig", 0) <= 3  # the tokenizer's, and one per model built; none to compare vocabularies
     assert (tmp_path / "out" / "summary.json").is_file()
+
+
+def test_the_command_line_makes_openmp_threads_wait_passively_before_torch_loads():
+    probe = ("import os, sys\nimport prefdiag.cli as cli\n"
+             "cli.app = lambda: print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)\ncli.main()")
+    source = str(Path(__file__).resolve().parent.parent)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = os.pathsep.join([source, os.environ.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["PASSIVE", "False"], done.stderr[-2000:]
+    env["OMP_WAIT_POLICY"] = "ACTIVE"  # the user's own choice is kept
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["ACTIVE", "False"], done.stderr[-2000:]
