@@ -51,14 +51,20 @@ def test_a_one_pair_compare_loads_each_thing_once_and_imports_no_plotting_librar
     assert (tmp_path / "out" / "summary.json").is_file()
 
 
-def test_the_command_line_makes_openmp_threads_wait_passively_before_torch_loads():
-    probe = ("import os, sys\nimport prefdiag.cli as cli\n"
+def test_the_command_line_chooses_openmp_waits_before_torch_loads():
+    probe = ("import os, sys\nimport prefdiag.cli as cli\nfrom prefdiag import cpu_threads\n"
+             "cpu_threads.os.getloadavg = lambda: (float(sys.argv[1]), 0.0, 0.0)\n"
              "cli.app = lambda: print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)\ncli.main()")
     source = str(Path(__file__).resolve().parent.parent)
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     env["PYTHONPATH"] = os.pathsep.join([source, os.environ.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
-    assert done.stdout.split() == ["PASSIVE", "False"], done.stderr[-2000:]
-    env["OMP_WAIT_POLICY"] = "ACTIVE"  # the user's own choice is kept
-    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
-    assert done.stdout.split() == ["ACTIVE", "False"], done.stderr[-2000:]
+
+    def policy(load: float, **extra: str) -> list[str]:
+        done = subprocess.run([sys.executable, "-c", probe, str(load)], env={**env, **extra}, capture_output=True,
+                              text=True, timeout=120)
+        return done.stdout.split() or [done.stderr[-2000:]]
+
+    busy = float(len(os.sched_getaffinity(0)))
+    assert policy(busy) == ["PASSIVE", "False"]  # a CPU busy with other work: threads sleep while they wait
+    assert policy(0.0) == ["None", "False"]  # a quiet one: OpenMP's own default
+    assert policy(busy, OMP_WAIT_POLICY="ACTIVE") == ["ACTIVE", "False"]  # the user's own choice is kept
