@@ -62,6 +62,12 @@ def _memory() -> dict[str, float | None]:
 
 
 def main() -> int:
+    try:  # what prefdiag.cli.main does before anything imports torch (absent in older revisions)
+        from prefdiag.cpu_threads import passive_openmp_waits
+
+        passive_openmp_waits()
+    except ImportError:
+        pass
     before_imports = time.perf_counter()
     import torch  # noqa: F401
     import transformers  # noqa: F401

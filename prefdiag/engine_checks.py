@@ -1,8 +1,9 @@
-"""Checks the scoring engine makes before its forward passes: a row too long for the device's memory is refused
-naming its pair, and weights holding NaN or inf name the model."""
+"""Checks the scoring engine makes around its forward passes: a row too long for the device's memory is refused
+naming its pair, weights holding NaN or inf name the model, and body + LM head must reproduce the model's logits."""
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -61,3 +62,39 @@ def device_memory_bytes(device: torch.device) -> int | None:
     except (RuntimeError, ValueError, OSError, AttributeError):
         return None
     return None
+
+
+def takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    """True when the model's forward takes ``logits_to_keep`` (its logits can be asked for at one position)."""
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def last_hidden_and_logits(
+    model: torch.nn.Module, body: torch.nn.Module, input_ids: torch.Tensor, mask, positions: dict
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """One forward pass of the whole model: the body's last hidden states [B, L, D] as the model itself computed
+    them (None where the body's output was not seen) and the model's fp32 logits at each row's last position."""
+    captured: dict = {}
+
+    def keep(module, args, output):
+        captured.setdefault("hidden", output[0])
+
+    handle = body.register_forward_hook(keep)
+    try:
+        out = model(input_ids=input_ids, attention_mask=mask, use_cache=False, logits_to_keep=1, **positions)
+    finally:
+        handle.remove()
+    hidden = captured.get("hidden")
+    if not isinstance(hidden, torch.Tensor) or hidden.shape[:2] != input_ids.shape:
+        hidden = None
+    return hidden, out.logits[:, -1].float()
+
+
+def logits_close(full: torch.Tensor, ours: torch.Tensor, weight_dtype: torch.dtype) -> bool:
+    """True when our logits match the model's within rounding (bf16/fp16 logits round at ~0.4%)."""
+    scale = float(full.abs().max().clamp_min(1.0))
+    tolerance = 1e-3 if weight_dtype == torch.float32 else 3e-2
+    return full.shape == ours.shape and bool(torch.allclose(full, ours, atol=tolerance * scale, rtol=tolerance))

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from prefdiag.errors import ModelError, first_line
+from prefdiag.fast_loading import from_local_safetensors, no_sdpa
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +143,6 @@ def load_model(
 ) -> LoadedModel:
     """Load a causal LM in eval mode (dropout off) on the device, preferring safetensors and SDPA attention;
     ``shard`` spreads its layers over every visible GPU (transformers' ``device_map="auto"``)."""
-    from transformers import AutoModelForCausalLM
-
     check_model_path(name, what)
     kwargs = dict(revision=revision, dtype=dtype, trust_remote_code=trust_remote_code)
     if tp > 1:  # tensor parallel over tp ranks of the process group (prefdiag.parallel)
@@ -154,15 +153,11 @@ def load_model(
         kwargs["device_map"] = "auto"
     elif device.type == "cuda":
         kwargs["device_map"] = {"": device.index or 0}  # weights go straight to the GPU, never staged on the CPU
-    try:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="sdpa", **kwargs)
-        except ValueError as exc:  # an architecture without SDPA support
-            if "sdpa" not in str(exc).lower():
-                raise
-            model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="eager", **kwargs)
-    except Exception as exc:
-        raise ModelError(f"cannot load {what} {name!r}: {first_line(exc)}", hint=hub_hint(name)) from exc
+    # the fast path: a plain local safetensors checkpoint, read straight into a model built without initialising
+    fast = device.type == "cpu" and not shard and tp == 1
+    model = from_local_safetensors(name, dtype, trust_remote_code) if fast else None
+    if model is None:
+        model = _from_pretrained(name, what, kwargs)
     if not shard and tp == 1:
         model.to(device)
     model.eval()
@@ -176,6 +171,21 @@ def load_model(
         device=device,
         fingerprint=weights_fingerprint(name, commit),
     )
+
+
+def _from_pretrained(name: str, what: str, kwargs: dict[str, Any]) -> torch.nn.Module:
+    """transformers' own loading: hub ids, sharded, quantized and remote-code checkpoints, device maps."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        try:
+            return AutoModelForCausalLM.from_pretrained(name, attn_implementation="sdpa", **kwargs)
+        except ValueError as exc:  # an architecture without SDPA support
+            if not no_sdpa(exc):
+                raise
+            return AutoModelForCausalLM.from_pretrained(name, attn_implementation="eager", **kwargs)
+    except Exception as exc:
+        raise ModelError(f"cannot load {what} {name!r}: {first_line(exc)}", hint=hub_hint(name)) from exc
 
 
 def is_adapter(name: str) -> bool:
@@ -256,7 +266,11 @@ def vocabulary_size(model: torch.nn.Module) -> int:
 
 
 def config_vocabulary_size(name: str, *, revision: str | None = None, trust_remote_code: bool = False) -> int | None:
-    """The vocabulary size a model's config declares, read without loading weights."""
+    """The vocabulary size a model's config declares, read without loading weights (a local config.json that
+    declares it is read as JSON: no AutoConfig)."""
+    declared = _declared_vocabulary_size(name)
+    if declared is not None:
+        return declared
     from transformers import AutoConfig
 
     try:
@@ -265,6 +279,23 @@ def config_vocabulary_size(name: str, *, revision: str | None = None, trust_remo
         raise ModelError(f"cannot read the config of {name!r}: {first_line(exc)}") from exc
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return getattr(config, "vocab_size", None)
+
+
+def _declared_vocabulary_size(name: str) -> int | None:
+    """vocab_size from a local config.json (its text_config's for a multimodal model), None where it is not
+    written there or the file cannot be read (AutoConfig then supplies the class default or names the problem)."""
+    path = Path(name) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    text = config.get("text_config")
+    size = (text if isinstance(text, dict) else config).get("vocab_size")
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
 
 
 def check_same_vocabulary(

@@ -34,7 +34,14 @@ import torch
 
 from prefdiag import flex
 from prefdiag.ches import ResponseSums
-from prefdiag.engine_checks import model_name, name_non_finite_weights, refuse_rows_beyond_memory
+from prefdiag.engine_checks import (
+    last_hidden_and_logits,
+    logits_close,
+    model_name,
+    name_non_finite_weights,
+    refuse_rows_beyond_memory,
+    takes_logits_to_keep,
+)
 from prefdiag.errors import RunError, first_line
 from prefdiag.options import BATCH_TOKENS
 from prefdiag.masks import attention_windows, dense_masks  # noqa: F401  (attention_windows: re-exported)
@@ -129,8 +136,8 @@ class LogProbScorer:
             dense = self.windows is not None and self.settings.layout != "packed"
             refuse_rows_beyond_memory(self.model, rows, self.device, dense_mask=dense,
                                       full_logits=self.use_full_forward)
-        if not self._checked_head and rows:
-            self._check_head_path(rows[0])
+        if not self._checked_head and rows and not self._checks_on_first_batch():
+            self._check_head_path(rows[0])  # a model without logits_to_keep: four small forward passes
         batches = self._plan(rows, _longest_first(rows))  # longest first: an out-of-memory comes early
         done_batches = 0
         while done_batches < len(batches):
@@ -262,7 +269,7 @@ class LogProbScorer:
         input_ids = torch.from_numpy(ids).to(device)
         self.tokens["real"] += int((seg != _PAD).sum())
         self.tokens["computed"] += batch * length
-        attention = contextlib.nullcontext()
+        attention = contextlib.nullcontext
         position_ids = None
         if self.windows is None:  # the model masks itself, as in TRL: right padding and a 2D padding mask
             mask = torch.from_numpy(seg != _PAD).to(device=device, dtype=torch.long)
@@ -271,7 +278,7 @@ class LogProbScorer:
             segments, docs_t = torch.from_numpy(seg).to(device), torch.from_numpy(docs).to(device)
             if packed:
                 mask = flex.block_masks(docs_t, segments, position_ids, self.windows, _CHOSEN, _REJECTED)
-                attention = flex.attention_switched_on(self.model)
+                attention = lambda: flex.attention_switched_on(self.model)  # noqa: E731
             else:
                 dtype = next(self.model.parameters()).dtype
                 mask = dense_masks(docs_t, segments, position_ids, self.windows, self.attn_implementation, dtype)
@@ -284,8 +291,12 @@ class LogProbScorer:
             ches_slots, local, counts = np.unique(slots_np, return_inverse=True, return_counts=True)
             hidden_sums = (ches_slots, torch.from_numpy(local.astype(np.int64)), counts)
 
+        hidden = None
+        if not self.use_full_forward and not self._checked_head:  # the first batch checks the head path
+            with attention():
+                hidden = self._checked_hidden(input_ids, mask, positions)
         if self.use_full_forward:
-            with attention, self._head_inputs_captured(hidden_sums is not None) as captured:
+            with attention(), self._head_inputs_captured(hidden_sums is not None) as captured:
                 out = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False, **positions,
                                  **({"output_hidden_states": True} if captured.get("fallback") else {}))
             logits = out.logits
@@ -296,10 +307,11 @@ class LogProbScorer:
                 selected = hidden.reshape(batch * length, -1)[flat_predict_t.to(hidden.device)]
                 hidden_sums = self._summed(selected, *hidden_sums)
         else:
-            with attention:
-                hidden = self.body(
-                    input_ids=input_ids, attention_mask=mask, use_cache=False, **positions
-                ).last_hidden_state
+            if hidden is None:
+                with attention():
+                    hidden = self.body(
+                        input_ids=input_ids, attention_mask=mask, use_cache=False, **positions
+                    ).last_hidden_state
             head_device = self.head.weight.device
             selected = hidden.reshape(batch * length, -1)[flat_predict_t.to(hidden.device)].to(head_device)
             token_logps = self._head_logps(selected, targets_t.to(head_device))
@@ -396,11 +408,33 @@ class LogProbScorer:
             return
         hidden = self.body(input_ids=ids, use_cache=False).last_hidden_state[0]
         ours = self._head_logits(hidden.to(self.head.weight.device)).to(full.device)
-        scale = float(full.abs().max().clamp_min(1.0))
-        tolerance = 1e-3 if self.head.weight.dtype == torch.float32 else 3e-2  # bf16/fp16 logits round at ~0.4%
-        if not torch.allclose(full, ours, atol=tolerance * scale, rtol=tolerance):
-            log.warning(
-                "%s: hidden-state + LM-head path does not reproduce the model's logits; using full forward passes",
-                type(self.model).__name__,
-            )
-            self.use_full_forward = True
+        if not logits_close(full, ours, self.head.weight.dtype):
+            self._head_path_differs()
+
+    def _checks_on_first_batch(self) -> bool:
+        """True when the head path can be checked within the first batch's own forward pass (the model takes
+        ``logits_to_keep``, so that its logits cost one position per row): no extra forward pass."""
+        return not self.use_full_forward and takes_logits_to_keep(self.model)
+
+    def _checked_hidden(self, input_ids: torch.Tensor, mask, positions: dict) -> torch.Tensor | None:
+        """The body's last hidden states for a batch, from one forward pass of the whole model that also checks,
+        on each row's last position, that body + head reproduces the model's own logits. None, and full forward
+        passes from now on, where it does not (or where the body's output cannot be seen)."""
+        self._checked_head = True
+        hidden, full = last_hidden_and_logits(self.model, self.body, input_ids, mask, positions)
+        if hidden is None:
+            return self._head_path_differs()
+        if not bool(torch.isfinite(full).all()):
+            name_non_finite_weights(self.model)
+            log.warning("%s gives NaN/inf logits on the first batch; such pairs come out non-finite",
+                        model_name(self.model))
+            return hidden
+        ours = self._head_logits(hidden[:, -1].to(self.head.weight.device)).to(full.device)
+        return hidden if logits_close(full, ours, self.head.weight.dtype) else self._head_path_differs()
+
+    def _head_path_differs(self) -> None:
+        log.warning(
+            "%s: hidden-state + LM-head path does not reproduce the model's logits; using full forward passes",
+            type(self.model).__name__,
+        )
+        self.use_full_forward = True

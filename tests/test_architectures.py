@@ -118,3 +118,50 @@ def test_sliding_window_and_non_attention_models_score_as_unpadded_forwards(
         expected_r, _ = full_logits_logp(model, pairs.prompt_ids[i], pairs.rejected_ids[i])
         assert chosen[i] == logp_close(expected_c)
         assert rejected[i] == logp_close(expected_r)
+
+
+def _rescaling_llama(vocab: int):
+    """A Llama whose own forward halves its logits after the head: a head path our engine does not know."""
+    import torch
+    import transformers
+
+    class RescalingLlama(transformers.LlamaForCausalLM):
+        def forward(self, *args, logits_to_keep=0, **kwargs):
+            out = super().forward(*args, logits_to_keep=logits_to_keep, **kwargs)
+            out.logits = out.logits * 0.5
+            return out
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    return RescalingLlama(config).eval()
+
+
+@pytest.mark.parametrize("layout", ["prefix", "separate", "packed"])
+def test_a_head_path_that_differs_is_caught_on_the_first_batch(tokenized, layout):
+    vocab, pairs = tokenized
+    model = _rescaling_llama(vocab)
+    scorer = LogProbScorer(model, ScoreSettings(batch_tokens=256, layout=layout))
+    chosen, rejected = scorer.score(pairs)
+    assert scorer.use_full_forward
+    for i in range(len(pairs)):
+        assert chosen[i] == logp_close(full_logits_logp(model, pairs.prompt_ids[i], pairs.chosen_ids[i])[0])
+        assert rejected[i] == logp_close(full_logits_logp(model, pairs.prompt_ids[i], pairs.rejected_ids[i])[0])
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma3_text", "cohere", "granite"])
+def test_the_head_path_check_adds_no_forward_pass(tokenized, model_type):
+    """The check runs within the first batch's own forward pass: the body runs once per batch and on real batches
+    only (it used to run twice more, with the whole model, on 16 tokens of the first pair)."""
+    vocab, pairs = tokenized
+    model = _tiny_model(model_type, vocab)
+    shapes = []
+    handle = model.base_model.register_forward_hook(lambda module, args, out: shapes.append(tuple(out[0].shape[:2])))
+    try:
+        scorer = LogProbScorer(model, ScoreSettings(batch_tokens=256))
+        scorer.score(pairs)
+    finally:
+        handle.remove()
+    assert not scorer.use_full_forward
+    assert len(shapes) == scorer.batches_done
+    assert all(length > 16 for _, length in shapes)

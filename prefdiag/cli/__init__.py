@@ -39,4 +39,7 @@ def _root(
 
 def main() -> None:
     """Console-script entry point."""
+    from prefdiag.cpu_threads import passive_openmp_waits  # perf branch: before anything imports torch
+
+    passive_openmp_waits()
     app()
