@@ -43,12 +43,12 @@ from prefdiag.engine_checks import (
     takes_logits_to_keep,
 )
 from prefdiag.errors import RunError, first_line
+from prefdiag.lm_head import LMHead, logps_from_logits
 from prefdiag.options import BATCH_TOKENS
 from prefdiag.masks import attention_windows, dense_masks  # noqa: F401  (attention_windows: re-exported)
-from prefdiag.rows import (  # noqa: F401  (re-exported: tests and api import them from here)
+from prefdiag.rows import (  # noqa: F401  (LAYOUTS, pack_rows, next_batch: re-exported)
     _CHOSEN,
     _PAD,
-    _PROMPT,
     _REJECTED,
     LAYOUTS,
     _longest_first,
@@ -81,11 +81,8 @@ class LogProbScorer:
         self.settings = settings or ScoreSettings()
         self.body = model.base_model if model.base_model is not model else None
         self.head = model.get_output_embeddings()
-        config = model.config
-        self.softcap = getattr(config, "final_logit_softcapping", None)
-        self.logit_scale = getattr(config, "logit_scale", None)  # Cohere multiplies logits by it
-        self.logits_scaling = getattr(config, "logits_scaling", None)  # Granite divides logits by it
-        self.attn_implementation = getattr(config, "_attn_implementation", "eager") or "eager"
+        self.lm_head = LMHead(model, self.settings.head_chunk_bytes) if self.head is not None else None
+        self.attn_implementation = getattr(model.config, "_attn_implementation", "eager") or "eager"
         self.device = model.get_input_embeddings().weight.device  # where inputs go; a sharded model ends elsewhere
         self.use_full_forward = self.body is None or self.head is None
         self.windows = attention_windows(model)
@@ -97,7 +94,6 @@ class LogProbScorer:
             self.settings = dataclasses.replace(self.settings, layout="prefix")
         elif self.settings.layout == "packed" and not flex.compiles_on(self.device.type):
             log.info("the packed layout is meant for CUDA; on %s its attention runs unfused and slowly", self.device)
-        self._fp32_out_mm = self.device.type == "cuda"
         self._checked_head = False
         self._checked_weights = False
         self.batches_done = 0
@@ -301,7 +297,7 @@ class LogProbScorer:
                                  **({"output_hidden_states": True} if captured.get("fallback") else {}))
             logits = out.logits
             selected = logits.reshape(batch * length, -1)[flat_predict_t.to(logits.device)]
-            token_logps = self._logps_from_logits(selected, targets_t.to(logits.device))
+            token_logps = logps_from_logits(selected, targets_t.to(logits.device))
             if hidden_sums is not None:
                 hidden = captured["input"] if "input" in captured else out.hidden_states[-1]
                 selected = hidden.reshape(batch * length, -1)[flat_predict_t.to(hidden.device)]
@@ -314,7 +310,7 @@ class LogProbScorer:
                     ).last_hidden_state
             head_device = self.head.weight.device
             selected = hidden.reshape(batch * length, -1)[flat_predict_t.to(hidden.device)].to(head_device)
-            token_logps = self._head_logps(selected, targets_t.to(head_device))
+            token_logps = self.lm_head.logps(selected, targets_t.to(head_device))
             if hidden_sums is not None:
                 hidden_sums = self._summed(selected, *hidden_sums)
         return token_logps.double().cpu().numpy(), slots_np, hidden_sums
@@ -353,44 +349,6 @@ class LogProbScorer:
             sums.index_add_(0, local[start : start + chunk], selected[start : start + chunk].to(dtype))
         return slots, sums.double().cpu().numpy(), counts
 
-    def _head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM head on selected hidden states, returned in fp32, with the model's own logit transforms."""
-        weight = self.head.weight
-        if self._fp32_out_mm and type(self.head) is torch.nn.Linear and weight.dtype in (torch.bfloat16, torch.float16):
-            try:  # fp32 output from a bf16 matmul: logits are not rounded to bf16 before the log-softmax
-                logits = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
-                if self.head.bias is not None:
-                    logits = logits + self.head.bias.float()
-            except (RuntimeError, TypeError, NotImplementedError):
-                log.info("torch.mm(out_dtype=float32) is not available here; logits are rounded to %s", weight.dtype)
-                self._fp32_out_mm = False
-                logits = self.head(hidden).float()
-        else:
-            logits = self.head(hidden).float()
-        if self.logit_scale is not None:
-            logits = logits * self.logit_scale
-        if self.logits_scaling is not None:
-            logits = logits / self.logits_scaling
-        if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
-
-    def _head_logps(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per-token log-probs through the LM head, chunked so one fp32 logits block stays small."""
-        vocab = self.head.weight.shape[0]
-        chunk = max(1, self.settings.head_chunk_bytes // (4 * vocab))
-        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk):
-            stop = start + chunk
-            logits = self._head_logits(hidden[start:stop])
-            out[start:stop] = self._logps_from_logits(logits, targets[start:stop])
-        return out
-
-    @staticmethod
-    def _logps_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-
     def _check_head_path(self, row: _Row) -> None:
         """Check once that body + head reproduces the model's own logits; if not, fall back to full forwards.
         Non-finite logits name the model: as a ModelError when its weights hold NaN/inf, else a warning (the run
@@ -407,7 +365,7 @@ class LogProbScorer:
                         model_name(self.model))
             return
         hidden = self.body(input_ids=ids, use_cache=False).last_hidden_state[0]
-        ours = self._head_logits(hidden.to(self.head.weight.device)).to(full.device)
+        ours = self.lm_head.logits(hidden.to(self.head.weight.device)).to(full.device)
         if not logits_close(full, ours, self.head.weight.dtype):
             self._head_path_differs()
 
@@ -429,7 +387,7 @@ class LogProbScorer:
             log.warning("%s gives NaN/inf logits on the first batch; such pairs come out non-finite",
                         model_name(self.model))
             return hidden
-        ours = self._head_logits(hidden[:, -1].to(self.head.weight.device)).to(full.device)
+        ours = self.lm_head.logits(hidden[:, -1].to(self.head.weight.device)).to(full.device)
         return hidden if logits_close(full, ours, self.head.weight.dtype) else self._head_path_differs()
 
     def _head_path_differs(self) -> None:
