@@ -20,6 +20,11 @@ Advance = Callable[[int], None]  # progress: n more pairs are done
 PairsDone = Callable[[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]], None]
 
 
+
+def pairs_to_score(tokenized: Any, pairs: Sequence[int] | None) -> np.ndarray:
+    """The pair indices a score() call covers: ``pairs``, or every pair the tokenization did not drop."""
+    return np.flatnonzero(~np.asarray(tokenized.dropped)) if pairs is None else np.asarray(pairs, dtype=np.int64)
+
 class Scorer(Protocol):
     """Scores tokenized pairs: summed completion log-probs of chosen and rejected, one float64 per pair (NaN where
     not scored), and after the run ``extras``, the further per-pair float64 columns it computed.
@@ -58,7 +63,7 @@ class ModelScorer:
     ) -> tuple[np.ndarray, np.ndarray]:
         from prefdiag.scoring import LogProbScorer
 
-        todo = np.flatnonzero(~np.asarray(tokenized.dropped)) if pairs is None else np.asarray(pairs, dtype=np.int64)
+        todo = pairs_to_score(tokenized, pairs)
         if progress is None and self.progress_bar is not None:
             progress = self.progress_bar(len(todo))
         done_so_far = 0
@@ -107,7 +112,7 @@ class CachedScorer:
     ) -> tuple[np.ndarray, np.ndarray]:
         n = len(tokenized)
         wanted = np.zeros(n, dtype=bool)
-        wanted[np.flatnonzero(~np.asarray(tokenized.dropped)) if pairs is None else np.asarray(pairs, np.int64)] = True
+        wanted[pairs_to_score(tokenized, pairs)] = True
         wanted &= ~np.asarray(tokenized.dropped)
         with phase("cache_io"):
             found = self.cache.load().reindex(self.keys)

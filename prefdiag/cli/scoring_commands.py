@@ -39,6 +39,32 @@ def _finish(
     finish(result, plan, output, fmt, table_format.value, top, quiet)
 
 
+def _run(command: str, **values: Any) -> None:
+    """What audit and compare share: check --output and read the rules and the baseline before any model loads,
+    score, then gate, write and print. ``values`` are the command's parameters, by name."""
+    from prefdiag import api
+    from prefdiag.cli._finish import prepare
+    from prefdiag.cli._output import ProgressBars, setup_logging
+    from prefdiag.gate import run_mode
+    from prefdiag.result import check_output_dir
+
+    data, reference, policy = values.pop("data"), values.pop("reference"), values.pop("policy", None)
+    output, fmt, table_format, top, quiet = (values.pop(k) for k in ("output", "fmt", "table_format", "top", "quiet"))
+    gate_inputs = [values.pop(k) for k in ("min_rules", "max_rules", "gate_file", "baseline")]
+    setup_logging(quiet)
+    if output is not None:
+        check_output_dir(output)  # before any model loads
+    revision, alias = values.pop("revision"), values.pop("revision_alias")
+    options = _options(reference_revision=revision or alias, cache=not values.pop("no_cache"), **values)
+    plan = prepare(command, run_mode(command, reference is not None), *gate_inputs)
+    with ProgressBars(quiet) as progress:
+        if policy is None:
+            result = api.audit(data, reference, options, progress)
+        else:
+            result = api.compare(data, reference, policy, options, progress)
+    _finish(result, plan, output, fmt, table_format, top, quiet)
+
+
 @handles_errors
 def audit(
     data: o.Data,
@@ -86,33 +112,11 @@ def audit(
     pairs, empty prompts or responses, extreme length ratios), fast enough for millions of pairs. With it, also
     scores every pair's chosen and rejected response under the reference (tokenized exactly as TRL's DPOTrainer
     does) and reports how often the reference already prefers the rejected answer: those pairs start DPO on the
-    wrong side and rarely flip.
+    wrong side (Chen et al. 2024 found that few of them flip).
 
     Example: prefdiag audit sample_data/pairs.jsonl --reference sample_data/models/reference --output out/
     """
-    from prefdiag import api
-    from prefdiag.cli._output import ProgressBars, setup_logging
-    from prefdiag.cli._finish import prepare
-    from prefdiag.result import check_output_dir
-    from prefdiag.gate import run_mode
-
-    setup_logging(quiet)
-    if output is not None:
-        check_output_dir(output)  # before any model loads
-    options = _options(
-        beta=beta, max_length=max_length, dtype=dtype, device=device, batch_tokens=batch_tokens, layout=layout,
-        shard=shard, tp=tp,
-        tokenizer=tokenizer, reference_revision=revision or revision_alias, trust_remote_code=trust_remote_code,
-        split=split,
-        prompt_column=prompt_column, chosen_column=chosen_column, rejected_column=rejected_column,
-        id_column=id_column, cache=not no_cache, cache_dir=cache_dir, data_format=data_format, group_by=group_by,
-        binarize_seed=binarize_seed, chat_template=chat_template, compat=compat, max_prompt_length=max_prompt_length,
-        ches=ches, high_ches_share=high_ches_share,
-    )  # fmt: skip
-    plan = prepare("audit", run_mode("audit", reference is not None), min_rules, max_rules, gate_file, baseline)
-    with ProgressBars(quiet) as progress:
-        result = api.audit(data, reference, options, progress)
-    _finish(result, plan, output, fmt, table_format, top, quiet)
+    _run("audit", **locals())
 
 
 @handles_errors
@@ -165,26 +169,4 @@ def compare(
 
     Example: prefdiag compare sample_data/pairs.jsonl -r sample_data/models/reference -p sample_data/models/policy
     """
-    from prefdiag import api
-    from prefdiag.cli._output import ProgressBars, setup_logging
-    from prefdiag.cli._finish import prepare
-    from prefdiag.result import check_output_dir
-    from prefdiag.gate import run_mode
-
-    setup_logging(quiet)
-    if output is not None:
-        check_output_dir(output)  # before any model loads
-    options = _options(
-        beta=beta, max_length=max_length, dtype=dtype, device=device, batch_tokens=batch_tokens, layout=layout,
-        shard=shard, tp=tp,
-        tokenizer=tokenizer, reference_revision=revision or revision_alias, policy_revision=policy_revision,
-        trust_remote_code=trust_remote_code, split=split, prompt_column=prompt_column,
-        chosen_column=chosen_column, rejected_column=rejected_column, id_column=id_column,
-        cache=not no_cache, cache_dir=cache_dir, data_format=data_format, group_by=group_by,
-        binarize_seed=binarize_seed, chat_template=chat_template, compat=compat, max_prompt_length=max_prompt_length,
-        ches=ches, high_ches_share=high_ches_share,
-    )  # fmt: skip
-    plan = prepare("compare", run_mode("compare", True), min_rules, max_rules, gate_file, baseline)
-    with ProgressBars(quiet) as progress:
-        result = api.compare(data, reference, policy, options, progress)
-    _finish(result, plan, output, fmt, table_format, top, quiet)
+    _run("compare", **locals())
