@@ -1,5 +1,5 @@
-"""Per-pair metrics and flags, the dataset summary and its one-sentence verdict, computed from a table of
-log-probs alone (pure pandas/numpy: no torch). Definitions follow docs/metrics.md (from SCIENCE.md).
+"""Per-pair metrics and flags, the dataset summary and its verdict (the findings of prefdiag.findings), computed
+from a table of log-probs alone (pure pandas/numpy: no torch). Definitions: the README's per-pair table and summary.
 """
 
 from __future__ import annotations
