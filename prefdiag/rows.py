@@ -40,7 +40,9 @@ def _completion_targets(start: int, ids: Sequence[int], first_predictor: int, sl
 
 
 def build_rows(tokenized: TokenizedPairs, layout: str = "prefix", pairs: Sequence[int] | None = None) -> list[_Row]:
-    """Lay the given pairs (default: all) out as model rows for the chosen layout; dropped pairs get no row."""
+    """Lay the given pairs (default: all) out as model rows for the chosen layout; dropped pairs get no row. A
+    rejected completion whose ids equal the chosen one's is not laid out: the engine gives a tie the chosen side's
+    numbers for both (so identical pairs, and unpaired KTO rows, cost one completion, not two)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     rows: list[_Row] = []
@@ -50,9 +52,11 @@ def build_rows(tokenized: TokenizedPairs, layout: str = "prefix", pairs: Sequenc
         prompt = tokenized.prompt_ids[i]
         chosen = tokenized.chosen_ids[i]
         rejected = tokenized.rejected_ids[i]
+        if len(rejected) == len(chosen) and list(rejected) == list(chosen):
+            rejected = []  # a tie: scored once, copied to the rejected side by the engine
         p = len(prompt)
         if layout == "separate":
-            for side, completion in ((0, chosen), (1, rejected)):
+            for side, completion in ((0, chosen), (1, rejected))[: 2 if len(rejected) else 1]:
                 ids = np.asarray(list(prompt) + list(completion), dtype=np.int64)
                 segments = np.full(len(ids), _PROMPT, dtype=np.int8)
                 segments[p:] = _CHOSEN
