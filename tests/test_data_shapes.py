@@ -1,6 +1,6 @@
 """Preference data in other shapes becomes the same pairs (and the same numbers) as the same pairs written as
 prompt/chosen/rejected: rated completions (UltraFeedback raw) binarised as the ultrafeedback_binarized recipe does
-or best against worst, two responses with a label or scores (SHP), and unpaired KTO rows refused with a clear line."""
+or best against worst, and two responses with a label or scores (SHP). Unpaired KTO rows: tests/test_kto.py."""
 
 from __future__ import annotations
 
@@ -126,18 +126,6 @@ def test_shp_pairs_give_the_numbers_of_the_same_pairs(model_dirs, tmp_path):
     plain = api.audit(str(write(SHP_PAIRS, tmp_path / "plain", "parquet")), str(model_dirs["gpt2"]), options)
     columns = ["pair_id", "ref_chosen_logp", "ref_rejected_logp", "chosen_tokens", "rejected_tokens"]
     pd.testing.assert_frame_equal(shaped.pairs[columns], plain.pairs[columns])
-
-
-def test_kto_rows_are_detected_and_refused_with_what_is_supported(tmp_path):
-    path = tmp_path / "kto.jsonl"
-    path.write_text("".join(json.dumps({"prompt": "Q?", "completion": f" A{i}.", "label": i % 2 == 0}) + "\n"
-                            for i in range(4)))  # fmt: skip
-    out = tmp_path / "out"
-    result = runner.invoke(app, ["audit", str(path), "--output", str(out)])
-    assert result.exit_code == 2, result.output
-    line = result.stderr.strip()
-    assert "\n" not in line and "unpaired KTO rows (prompt, completion, label) detected" in line
-    assert "--data-format shp" in line and not out.exists()
 
 
 def test_the_shapes_are_data_formats():

@@ -47,7 +47,7 @@ from prefdiag.data.readers import (
     _read_saved_dataset,
     file_sha256,
 )
-from prefdiag.data.shapes import detect_shape, to_pairs
+from prefdiag.data.shapes import detect_shape, to_pairs, unpair
 from prefdiag.errors import DataError, UsageError
 from prefdiag.options import DATA_FORMATS, SHAPED_FORMATS
 
@@ -73,7 +73,9 @@ def load_pairs(
     ``data_format``: auto (detect), standard, conversational (also parses JSON-encoded message lists, as a CSV file
     holds them), hh (split Anthropic HH transcripts at the last shared "\\n\\nAssistant:"), or a shape turned into
     pairs first (prefdiag.data.shapes): rated (UltraFeedback's completions, binarised with ``binarize_seed``),
-    rated-best-worst, shp (two responses and a label), kto (detected, refused)."""
+    rated-best-worst, shp (two responses and a label), kto (unpaired rows: prompt, completion, label; paired data
+    read as kto is unpaired as TRL's KTOTrainer does). KTO data keeps the table's form with chosen and rejected
+    both the completion, a boolean ``label`` column and ``details["shape"] == "kto"``."""
     if data_format not in DATA_FORMATS:
         raise UsageError(f"unknown data format {data_format!r}; expected one of {', '.join(DATA_FORMATS)}")
     columns = columns or ColumnMap()
@@ -93,6 +95,9 @@ def load_pairs(
     json_path = path if kind in ("json", "jsonl") else None
     names = list(frame.column_names if isinstance(frame, pa.Table) else map(str, frame.columns))
     shape = data_format if data_format in SHAPED_FORMATS else detect_shape(names) if data_format == "auto" else None
+    paired_as_kto = shape == "kto" and ("chosen" in names or "rejected" in names or columns.chosen in names)
+    if paired_as_kto:
+        shape, data_format = None, "auto"
     if shape is not None:
         frame, shape_details, rows = to_pairs(frame, shape, source, json_path, binarize_seed)
         details = {**details, **shape_details}
@@ -100,6 +105,8 @@ def load_pairs(
     pairs = _normalise(frame, source, digest, columns, details, data_format, kind == "csv", json_path)
     if shape is not None:
         pairs.rows = np.asarray(rows, dtype=np.int64)
+    if paired_as_kto:
+        pairs = unpair(pairs)
     del frame
     pa.default_memory_pool().release_unused()  # the readers' buffers: give them back before the checks run
     return pairs

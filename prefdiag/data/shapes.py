@@ -8,22 +8,28 @@
   rows whose completions all tie (or with fewer than two rated completions) are dropped and counted.
 - ``shp``: two responses with a preference label or scores (SHP: ``history``, ``human_ref_A``, ``human_ref_B``,
   ``labels`` = 1 when A is preferred; without ``labels``, the higher of ``score_A`` / ``score_B``, ties dropped).
-- ``kto``: unpaired rows (``prompt``, ``completion``, ``label`` true/false) are detected and refused with what is
-  supported: prefdiag scores pairs.
+- ``kto``: unpaired rows (``prompt``, ``completion``, ``label`` true = desirable, false = undesirable), as TRL's
+  KTOTrainer reads them. Each row becomes a record whose chosen and rejected are both its completion, so the rest
+  of loading (ids, conversations, validation) is shared; prefdiag.unpaired turns the scores into per-response
+  metrics (a tie is scored once: prefdiag.rows). Paired data read with ``--data-format kto`` is unpaired as TRL
+  does (prefdiag.data.unpair).
 
 Every other column passes through; the pair id is the input row's ``id`` when present, else its row number, so a
 pair still joins back to the row it came from."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from prefdiag.data.normalise import PairData
 from prefdiag.data.readers import json_rows
 from prefdiag.errors import DataError
 
@@ -49,15 +55,11 @@ def to_pairs(
 ) -> tuple[pd.DataFrame, dict[str, Any], list[int]]:
     """The rows as prompt/chosen/rejected records (Python objects), the provenance details of the conversion, and
     the input row (0-based) each pair came from."""
-    if shape == "kto":
-        raise DataError(
-            f"{source}: unpaired KTO rows (prompt, completion, label) detected; prefdiag scores preference pairs: "
-            "prompt/chosen/rejected, two responses with a label (--data-format shp) or rated completions "
-            "(--data-format rated); per-response scoring of KTO data is not supported yet"
-        )
     rows = list(json_rows(json_path)) if json_path is not None else _rows(frame)
-    pairs = _rated(rows, source, shape, seed) if shape.startswith("rated") else _shp(rows, source)
-    records, details = pairs
+    if shape == "kto":
+        records, details = _kto(rows, source)
+    else:
+        records, details = _rated(rows, source, shape, seed) if shape.startswith("rated") else _shp(rows, source)
     if not records:
         raise DataError(f"{source}: no pairs: {details['n_ties_dropped']} of {len(rows)} rows are ties")
     numbers = [record.pop(_ROW) for record in records]
@@ -130,6 +132,52 @@ def _response(completion: dict, source: str, row: int) -> Any:
         if key in completion:
             return completion[key]
     raise DataError(f"{source}: row {row + 1}, column 'completions': a completion without a 'response'")
+
+
+KTO_LABELS = {True: True, False: False, 1: True, 0: False, "true": True, "false": False, "1": True, "0": False}
+
+
+def kto_label(value: Any, source: str, row: int) -> bool:
+    """A KTO label as a bool (true / false, 1 / 0, "true" / "false" in any case): True for a desirable response."""
+    key = value.strip().lower() if isinstance(value, str) else value
+    if isinstance(key, float) and key in (0.0, 1.0):
+        key = int(key)
+    try:
+        return KTO_LABELS[key]
+    except (KeyError, TypeError):
+        raise DataError(f"{source}: row {row + 1}, column 'label': expected true (desirable) or false (undesirable), "
+                        f"got {value!r}") from None  # fmt: skip
+
+
+def _kto(rows: list[dict], source: str) -> tuple[list[dict], dict[str, Any]]:
+    if not any("prompt" in row for row in rows):
+        raise DataError(f"{source}: unpaired KTO rows need a 'prompt' column beside 'completion' and 'label'")
+    records = []
+    for number, row in enumerate(rows):
+        if row.get("completion") is None:
+            raise DataError(f"{source}: row {number + 1}, column 'completion': missing value")
+        extra = {k: v for k, v in row.items() if k not in ("prompt", "completion", "label", "id")}
+        records.append({**_with_id(row, number), "prompt": row.get("prompt"), "chosen": row["completion"],
+                        "rejected": row["completion"], "label": kto_label(row.get("label"), source, number),
+                        **extra})  # fmt: skip
+    return records, {}
+
+
+def unpair(pairs: PairData) -> PairData:
+    """Paired data read as KTO rows, as TRL's KTOTrainer unpairs it (unpair_preference_dataset): each pair gives
+    its chosen response (label true) then its rejected one (label false), with ids ``<pair id>/chosen`` and
+    ``<pair id>/rejected``; the prompt (explicit or extracted) and every other column are repeated."""
+    table = pairs.table
+    order = np.repeat(np.arange(len(table)), 2)
+    desirable = np.tile([True, False], len(table))
+    out = table.iloc[order].reset_index(drop=True)
+    ids = out["pair_id"].astype(str)
+    out["pair_id"] = pd.Series(np.where(desirable, ids + "/chosen", ids + "/rejected"), dtype="str")
+    completion = out["chosen"].where(pd.Series(desirable), out["rejected"])
+    out["chosen"], out["rejected"], out["label"] = completion, completion, desirable
+    details = {**pairs.details, "shape": "kto", "unpaired_from_pairs": len(table)}
+    rows = pairs.input_rows()[order]
+    return dataclasses.replace(pairs, table=out, details=details, rows=rows)
 
 
 def _shp(rows: list[dict], source: str) -> tuple[list[dict], dict[str, Any]]:
