@@ -10,6 +10,7 @@ reference's (for an in-memory model, the directory it was loaded from).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import logging
 import platform
@@ -22,12 +23,14 @@ import pandas as pd
 from prefdiag import __version__
 from prefdiag import checks
 from prefdiag.ches import add_ches_columns, summarize_ches
-from prefdiag.data import PairData, load_pairs, with_python_objects
+from prefdiag.data import PairData, groups, load_pairs, with_python_objects
 from prefdiag.diagnostics import SCHEMA_VERSION, add_pair_metrics, summarize, summarize_groups, verdict
 from prefdiag.errors import ModelError, UsageError
 from prefdiag.options import RunOptions, default_batch_tokens
 from prefdiag.phases import phase
 from prefdiag.result import RunResult, order_columns
+from prefdiag import unpaired as unpaired_rows
+from prefdiag.unpaired import SHAPE
 
 __all__ = ["AdapterDisabled", "RunOptions", "RunResult", "audit", "compare"]
 
@@ -93,30 +96,33 @@ def _run(
             data, split=options.split, columns=options.columns, data_format=options.data_format,
             binarize_seed=options.binarize_seed,
         )  # fmt: skip
-    group_column = _group_column(pairs.table, options)
-    _check_group_column(pairs.table, group_column)
+    group_column = groups.group_column(pairs.table, options)
+    groups.check_group_column(pairs.table, group_column)
     with phase("model_free_checks"):
         features = checks.text_features(pairs.table)  # model-free checks: before any model is loaded
-    table = pairs.table[["pair_id"]].copy()
+    unpaired = pairs.details.get("shape") == SHAPE
     provenance: dict[str, Any] = {"dataset": pairs.provenance()}
-    tokens, notes = None, {}
+    scores, notes = None, {}
     if reference is not None:
-        scores, model_provenance = _score(pairs, reference, policy, options, progress, tokenizer)
-        notes = _tokenization_notes(model_provenance["tokenization"])
-        table = pd.concat([table, scores], axis=1)
+        # Unpaired rows are ties (chosen = rejected = the completion), scored once; CHES needs two responses.
+        score_options = dataclasses.replace(options, ches=False) if unpaired else options
+        scores, model_provenance = _score(pairs, reference, policy, score_options, progress, tokenizer)
+        notes = _tokenization_notes(model_provenance["tokenization"], "row" if unpaired else "pair")
         provenance.update(model_provenance)
-        tokens = (scores["chosen_tokens"].to_numpy(), scores["rejected_tokens"].to_numpy())
     with phase("diagnostics"):
-        table = pd.concat([table, checks.run_checks(pairs.table, features, tokens)], axis=1)
-        extras = pairs.table.drop(columns=["pair_id"])
-        table = pd.concat([table, extras], axis=1)
-        table = add_pair_metrics(table, options.beta)
-        table = add_ches_columns(table, options.high_ches_share)
-        summary = summarize(table, options.beta)
-        summary.update(summarize_ches(table, options.high_ches_share))
+        if unpaired:
+            table = unpaired_rows.response_table(pairs.table, features, scores, options.beta)
+            summary = unpaired_rows.summarize(table, options.beta)
+        else:
+            table = _pair_table(pairs, features, scores, options)
+            summary = summarize(table, options.beta)
+            summary.update(summarize_ches(table, options.high_ches_share))
         summary.update(notes)
         summary["verdict"] = verdict(summary)
-        if options.group_by is not None:
+        if options.group_by is not None and unpaired:
+            column = {"pair_id": "response_id", "chosen": "completion"}.get(group_column, group_column)
+            summary["groups"] = summarize_groups(table, column, options.beta, unpaired_rows.summarize, ("prompt",))
+        elif options.group_by is not None:
             summary["groups"] = summarize_groups(table, group_column, options.beta)
     summary = {
         "schema_version": SCHEMA_VERSION,
@@ -130,7 +136,20 @@ def _run(
             "options": options.record(),
         },
     }
-    return RunResult(with_python_objects(order_columns(table)), summary)
+    return RunResult(with_python_objects(table if unpaired else order_columns(table)), summary)
+
+
+def _pair_table(pairs: PairData, features, scores: pd.DataFrame | None, options: RunOptions) -> pd.DataFrame:
+    """The per-pair table: ids, the scores, the data checks, the data's own columns, pair metrics and CHES."""
+    table = pairs.table[["pair_id"]].copy()
+    tokens = None
+    if scores is not None:
+        table = pd.concat([table, scores], axis=1)
+        tokens = (scores["chosen_tokens"].to_numpy(), scores["rejected_tokens"].to_numpy())
+    table = pd.concat([table, checks.run_checks(pairs.table, features, tokens)], axis=1)
+    table = pd.concat([table, pairs.table.drop(columns=["pair_id"])], axis=1)
+    table = add_pair_metrics(table, options.beta)
+    return add_ches_columns(table, options.high_ches_share)
 
 
 def _score(
@@ -197,14 +216,14 @@ def _score(
 _PREFIX = {"reference": "ref", "policy": "policy"}
 
 
-def _tokenization_notes(settings: dict[str, Any]) -> dict[str, Any]:
+def _tokenization_notes(settings: dict[str, Any], unit: str = "pair") -> dict[str, Any]:
     """Summary keys on how the tokenization may differ from the user's TRL run: ``n_over_trl_default_max_length``
     (None when --max-length was given) and ``tokenization_notes`` (one line each)."""
     from prefdiag.tokenization import settings_notes
 
     return {
         "n_over_trl_default_max_length": settings.get("n_over_trl_default_max_length"),
-        "tokenization_notes": settings_notes(settings),
+        "tokenization_notes": settings_notes(settings, unit),
     }
 
 
@@ -357,43 +376,3 @@ class _ModelPasses:
 def _wanted_extras(settings) -> tuple[str, ...]:
     """The engine's further per-pair columns these settings ask for (CHES when the engine computes it)."""
     return ("ches", "ches_norm") if getattr(settings, "ches", False) else ()
-
-
-MAX_GROUPS = 1000
-
-
-def _group_column(table: pd.DataFrame, options: RunOptions) -> str | None:
-    """The table column --group-by names: a data column, or an input column's name as the user knows it (``id``, or
-    the --id/--prompt/--chosen/--rejected-column names, for pair_id, prompt, chosen, rejected)."""
-    column = options.group_by
-    if column is None or column in table.columns:
-        return column
-    columns = options.columns
-    aliases = {columns.id or "id": "pair_id", columns.prompt: "prompt", columns.chosen: "chosen",
-               columns.rejected: "rejected"}  # fmt: skip
-    return aliases.get(column, column)
-
-
-def _check_group_column(table: pd.DataFrame, column: str | None) -> None:
-    """--group-by must name a data column of plain values with at most MAX_GROUPS distinct values."""
-    if column is None:
-        return
-    if column not in table.columns:
-        import difflib
-
-        names = list(map(str, table.columns))
-        close = difflib.get_close_matches(column, names, n=1, cutoff=0.6)
-        suggestion = f"; did you mean {close[0]!r}?" if close else ""
-        raise UsageError(f"--group-by: no column {column!r}; the columns are: {', '.join(names)}{suggestion}")
-    values = table[column]
-    nested = isinstance(values.dtype, pd.ArrowDtype) and values.dtype.pyarrow_dtype.num_fields > 0
-    try:
-        distinct = None if nested else values.nunique(dropna=False)
-    except TypeError:  # unhashable Python objects
-        distinct = None
-    if distinct is None:
-        raise UsageError(f"--group-by: column {column!r} holds lists or objects; choose a column of plain values")
-    if distinct > MAX_GROUPS:
-        raise UsageError(
-            f"--group-by: column {column!r} has {distinct:,} distinct values; at most {MAX_GROUPS} groups are allowed"
-        )

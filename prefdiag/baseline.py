@@ -48,12 +48,13 @@ def load_run(path: Path) -> SavedRun:
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{summary_path}: not a readable summary.json ({exc})") from None
-    if not isinstance(summary, dict) or "n_pairs" not in summary:
+    if not isinstance(summary, dict) or ("n_pairs" not in summary and "n_responses" not in summary):
         raise DataError(f"{summary_path}: not a prefdiag summary.json (no n_pairs)")
     check_schema_version(summary, summary_path)
     pairs = None
+    name = "responses" if summary.get("data_shape") == "kto" else "pairs"
     for fmt in TABLE_FORMATS:  # the formats a run writes its pairs table in
-        table_path = summary_path.parent / f"pairs.{fmt}"
+        table_path = summary_path.parent / f"{name}.{fmt}"
         if table_path.is_file():
             pairs = _read_table(table_path, fmt)
             break
@@ -73,17 +74,19 @@ def check_schema_version(summary: dict[str, Any], where: Path | str) -> None:
 
 
 def _read_table(path: Path, fmt: str) -> pd.DataFrame:
+    """A saved per-pair table (or per-response table, responses.*: its ids are response_id)."""
+    id_column = "response_id" if path.stem == "responses" else "pair_id"
     try:
         if fmt == "parquet":
             table = pd.read_parquet(path)
         elif fmt == "csv":
-            table = pd.read_csv(path, dtype={"pair_id": str})
+            table = pd.read_csv(path, dtype={id_column: str})
         else:
-            table = pd.read_json(path, lines=True, dtype={"pair_id": str})
+            table = pd.read_json(path, lines=True, dtype={id_column: str})
     except Exception as exc:  # noqa: BLE001 - any reader failure is bad input
-        raise DataError(f"{path}: cannot read the pairs table ({type(exc).__name__}: {exc})") from None
-    if "pair_id" not in table.columns:
-        raise DataError(f"{path}: the pairs table has no pair_id column")
+        raise DataError(f"{path}: cannot read the {path.stem} table ({type(exc).__name__}: {exc})") from None
+    if id_column not in table.columns:
+        raise DataError(f"{path}: the {path.stem} table has no {id_column} column")
     return table
 
 
@@ -100,7 +103,12 @@ def compare_with_baseline(
 ) -> tuple[dict[str, Any], pd.DataFrame | None]:
     """The ``summary["baseline"]`` record and the pairs table with ``baseline_margin`` and ``ranking_change``
     ("regressed", "fixed", "unchanged", or "unmatched" for a pair the baseline lacks or either run left
-    unscored) added."""
+    unscored) added. Runs on unpaired (KTO) rows have no pairs to compare: refused."""
+    if "kto" in (summary.get("data_shape"), baseline.summary.get("data_shape")):
+        from prefdiag.errors import UsageError
+
+        raise UsageError(f"--baseline {baseline.source}: baselines compare runs on preference pairs; unpaired (KTO) "
+                         "runs are gated on their own metrics (compare two summaries' numbers with prefdiag gate)")
     record: dict[str, Any] = {
         "source": str(baseline.source),
         "command": baseline.summary.get("command"),

@@ -249,22 +249,27 @@ def _add_examples(summary: dict[str, Any], table: pd.DataFrame) -> None:
         summary["pair_examples"] = examples
 
 
-def summarize_groups(table: pd.DataFrame, column: str, beta: float) -> dict[str, Any]:
+def summarize_groups(
+    table: pd.DataFrame, column: str, beta: float, summarizer: Any = None, keep: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """``{"column": column, "values": {value: flat metrics of that group}}``: every scalar key summarize() gives the
     whole table, computed on the group's pairs (flags computed on the whole table, e.g. the DPO-loss tail, keep their
-    whole-table meaning). Groups are keyed by str(value), missing values as "null", in sorted order."""
+    whole-table meaning). Groups are keyed by str(value), missing values as "null", in sorted order.
+    ``summarizer(table, beta)`` replaces summarize() (unpaired data), with the text columns ``keep`` it reads."""
+    summarizer = summarizer or summarize
     keys = table[column]
     try:
         names = keys.astype("str").where(keys.notna(), "null").tolist()
     except UnicodeEncodeError:  # a lone surrogate (object column): Arrow strings cannot hold it
         names = [str(v) if pd.notna(v) else "null" for v in keys]
     numbers = table.select_dtypes(include=["number", "bool"])  # what summarize() reads; not the text
+    numbers = pd.concat([numbers, table[list(keep)]], axis=1) if keep else numbers
     indices: dict[str, list[int]] = {}
     for i, name in enumerate(names):
         indices.setdefault(name, []).append(i)
     values = {}
     for name, rows in sorted(indices.items()):
-        group = summarize(numbers.iloc[rows], beta)
+        group = summarizer(numbers.iloc[rows], beta)
         values[str(name)] = {k: v for k, v in group.items() if not isinstance(v, (dict, list))}
     return {"column": column, "values": values}
 

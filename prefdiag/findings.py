@@ -55,6 +55,10 @@ def _finding(
 
 def findings(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """Every finding a summary supports, most severe first (a stable order within a level)."""
+    if summary.get("data_shape") == "kto":  # unpaired rows: per-response findings (prefdiag.unpaired)
+        from prefdiag.unpaired import findings as response_findings
+
+        return response_findings(summary)
     found = _model_findings(summary) + _data_findings(summary)
     if not found:
         found.append(_finding(summary, "no_model", "ok", f"{_v(summary, 'n_pairs')} pairs loaded; no model was "

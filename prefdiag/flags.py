@@ -75,6 +75,26 @@ FLAGS: tuple[Flag, ...] = (
          "the implicit reward still clearly prefers rejected (reward_margin < -1, or the top 5% of DPO loss)",
          "mislabel_score"),
 )  # fmt: skip
+# Flags of unpaired (KTO) rows, one per response (prefdiag.unpaired): a separate registry, as no pair flag applies.
+RESPONSE_FLAGS: tuple[Flag, ...] = (
+    Flag("duplicate", "data", "duplicated response", "the same prompt, completion and label appear more than once",
+         hard=True),
+    Flag("conflicting_label", "data", "conflicting label",
+         "the same prompt and completion are labelled both desirable and undesirable", hard=True),
+    Flag("empty_response", "data", "empty completion", "the completion is empty", hard=True),
+    Flag("empty_prompt", "data", "empty prompt", "the prompt is empty", hard=True),
+    Flag("truncated", "token", "truncated at --max-length", "prompt+completion was cut at max_length"),
+    Flag("dropped", "token", "dropped (prompt fills --max-length)",
+         "the prompt alone reaches max_length: TRL drops the row, it is not scored"),
+    Flag("boundary_mismatch", "token", "token boundary mismatch",
+         "the prompt's tokens are not a prefix of prompt+completion's tokens"),
+    Flag("non_finite", "reference", "non-finite log-prob", "a NaN or infinite log-prob: left out of every rate"),
+    Flag("ref_favoured", "reference", "favoured by the reference",
+         "per-token log-prob above the median of all responses under the reference"),
+    Flag("desirable_displaced", "policy", "desirable displaced", "a desirable response the policy made less likely"),
+    Flag("undesirable_raised", "policy", "undesirable raised", "an undesirable response the policy made more likely"),
+)  # fmt: skip
+RESPONSE_LABELS: dict[str, str] = {flag.name: flag.label for flag in RESPONSE_FLAGS}
 REGISTRY: dict[str, Flag] = {flag.name: flag for flag in FLAGS}
 LABELS: dict[str, str] = {flag.name: flag.label for flag in FLAGS}
 
@@ -95,3 +115,8 @@ def hard_data_flags() -> tuple[str, ...]:
 def label(name: str) -> str:
     """The label of a flag, or the name itself when it is not registered."""
     return LABELS.get(name, name)
+
+
+def response_label(name: str) -> str:
+    """The label of an unpaired (KTO) response flag, or the name itself when it is not registered."""
+    return RESPONSE_LABELS.get(name, name)

@@ -61,7 +61,8 @@ class RunResult:
         return bool((self.summary.get("gate") or {}).get("passed", True))
 
     def write(self, directory: str | Path, table_format: str | None = "parquet", top: int = DEFAULT_TOP) -> list[Path]:
-        """Write the per-pair table (``pairs.<table_format>``; none when table_format is None), summary.json,
+        """Write the per-pair table (``pairs.<table_format>``, ``responses.<table_format>`` for unpaired KTO rows; none
+        when table_format is None), summary.json,
         report.md, junit.xml and report.html into ``directory``, all or nothing; returns the paths written."""
         from prefdiag.phases import phase
         from prefdiag.reports.files import dumps_summary, write_atomically, write_table, write_text
@@ -73,7 +74,8 @@ class RunResult:
         with phase("write_outputs"):
             writers = {}
             if pairs is not None and table_format is not None:
-                writers[f"pairs.{table_format}"] = lambda path: write_table(pairs, path, table_format)
+                name = "responses" if summary.get("data_shape") == "kto" else "pairs"  # unpaired rows: responses
+                writers[f"{name}.{table_format}"] = lambda path: write_table(pairs, path, table_format)
             writers.update(
                 {
                     "summary.json": write_text(dumps_summary(summary)),

@@ -160,12 +160,13 @@ def template_columns(table) -> dict[str, list | None]:
     return {arg: (list(table[column]) if column in present else None) for arg, column in TEMPLATE_COLUMNS.items()}
 
 
-def settings_notes(settings: dict[str, Any]) -> list[str]:
-    """One-line notes on how the tokenization may differ from the user's TRL run, for the summary and terminal."""
+def settings_notes(settings: dict[str, Any], unit: str = "pair") -> list[str]:
+    """One-line notes on how the tokenization may differ from the user's TRL run, for the summary and terminal
+    (``unit``: what a row of the data is, "pair" or "row")."""
     notes = []
     over = settings.get("n_over_trl_default_max_length")
     if over:
-        notes.append(f"{plural(over, 'pair')} exceed{'s' if over == 1 else ''} "
+        notes.append(f"{plural(over, unit)} exceed{'s' if over == 1 else ''} "
                      f"{TRL_DEFAULT_MAX_LENGTH} tokens, TRL's default max_length, and were scored whole: a TRL run "
                      f"with default settings truncated them; pass --max-length {TRL_DEFAULT_MAX_LENGTH} to match it")
     docs = settings.get("documents_not_rendered")

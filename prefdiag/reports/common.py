@@ -15,6 +15,7 @@ from prefdiag import flags
 from prefdiag.diagnostics import PairList, pair_lists, worst_pairs
 from prefdiag.formatting import format_value, plural  # format_value is re-exported for the writers
 from prefdiag.gate import OPS
+from prefdiag.unpaired import is_unpaired, response_lists
 
 _MODEL_FLAGS = [f for f in flags.FLAGS if f.kind in ("reference", "policy") and f.name != "non_finite"]
 _DATA_FLAGS = [f for f in flags.FLAGS if f.kind in ("data", "token")]
@@ -45,7 +46,39 @@ METRIC_LABELS = [
     ("ref_margin_length_correlation", "corr(reference margin, length difference)"),
     *((f"{f.name}_rate", f.label) for f in _DATA_FLAGS),
 ]
-LABELS = dict(METRIC_LABELS)
+# Unpaired (KTO) runs: their own metrics and the response flags' labels (prefdiag.unpaired).
+RESPONSE_METRIC_LABELS = [
+    ("n_responses", "responses"),
+    ("n_desirable", "desirable responses"),
+    ("n_undesirable", "undesirable responses"),
+    ("desirable_rate", "desirable share"),
+    ("n_prompts", "prompts"),
+    ("n_prompts_both_labels", "prompts with both labels"),
+    ("n_scored", "responses scored"),
+    ("n_non_finite", "responses with a NaN/inf log-prob (left out)"),
+    ("beta", "beta"),
+    ("desirable_weight_min", "desirable_weight for KTO's balance: at least"),
+    ("desirable_weight_max", "desirable_weight for KTO's balance: at most"),
+    ("ref_reference_point", "reference point: median ref log-prob per token"),
+    ("ref_favoured_desirable_rate", "desirable responses the reference favours"),
+    ("ref_favoured_undesirable_rate", "undesirable responses the reference favours"),
+    ("ref_desirable_auc", "AUC desirable vs undesirable, reference"),
+    ("ref_prompt_accuracy", "prompts where the reference prefers desirable"),
+    ("mean_ref_logp_desirable", "mean ref log-prob, desirable (nats)"),
+    ("mean_ref_logp_undesirable", "mean ref log-prob, undesirable (nats)"),
+    ("policy_desirable_auc", "AUC desirable vs undesirable, policy"),
+    ("policy_prompt_accuracy", "prompts where the policy prefers desirable"),
+    ("mean_logps_desirable", "mean policy log-prob, desirable (logps/chosen)"),
+    ("mean_logps_undesirable", "mean policy log-prob, undesirable (logps/rejected)"),
+    ("mean_reward_desirable", "mean reward, desirable (rewards/chosen)"),
+    ("mean_reward_undesirable", "mean reward, undesirable (rewards/rejected)"),
+    ("mean_reward_gap", "reward gap (rewards/margins)"),
+    ("policy_unchanged_rate", "responses the policy scores exactly as the reference"),
+    ("desirable_displaced_rate", "desirable responses made less likely"),
+    ("undesirable_raised_rate", "undesirable responses made more likely"),
+    *((f"{f.name}_rate", f.label) for f in flags.RESPONSE_FLAGS if f.kind in ("data", "token")),
+]
+LABELS = {**dict(RESPONSE_METRIC_LABELS), **dict(METRIC_LABELS)}
 # Metrics shown per group and in the baseline comparison.
 KEY_METRICS = [
     "n_pairs",
@@ -90,7 +123,18 @@ TEXT_LIMIT = 4000  # characters of a prompt or response shown in a report
 
 def metric_rows(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(key, label, formatted value) for every metric the summary has."""
-    return [(k, label, format_value(k, summary[k])) for k, label in METRIC_LABELS if k in summary]
+    labels = RESPONSE_METRIC_LABELS if is_unpaired(summary) else METRIC_LABELS
+    return [(k, label, format_value(k, summary[k])) for k, label in labels if k in summary]
+
+
+def row_id(row: pd.Series) -> Any:
+    """A row's id: its pair_id, or its response_id in an unpaired (KTO) table."""
+    return row["pair_id"] if "pair_id" in row.index else row["response_id"]
+
+
+def unit(summary: dict[str, Any] | None) -> str:
+    """What a row of the run is: "pair", or "response" for unpaired (KTO) data."""
+    return "response" if is_unpaired(summary) else "pair"
 
 
 def metric_label(name: str) -> str:
@@ -241,6 +285,7 @@ def short(value: Any, limit: int = ID_LIMIT) -> str:
 # Model-free data checks (prefdiag.checks): a pair flagged by one is worth a look even with no model.
 DATA_FLAG_LABELS = {f.name: f.label for f in flags.FLAGS if f.kind == "data"}
 FLAG_LABELS = dict(flags.LABELS)  # every flag, for the chips beside a pair
+RESPONSE_FLAG_LABELS = {f.name: f.label for f in flags.RESPONSE_FLAGS if f.name != "ref_favoured"}
 
 
 def pair_sections(table: pd.DataFrame | None, n: int) -> list[PairList]:
@@ -248,6 +293,8 @@ def pair_sections(table: pd.DataFrame | None, n: int) -> list[PairList]:
     finding names a pair, the pairs with the lowest margin per token (still worth a look)."""
     if table is None:
         return []
+    if "response_id" in table.columns:  # unpaired (KTO) rows
+        return response_lists(table, n)
     sections = pair_lists(table, n)
     if not sections and "ref_margin" in table.columns:
         column = "policy_margin" if "policy_margin" in table.columns else "ref_margin"

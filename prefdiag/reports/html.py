@@ -12,6 +12,7 @@ import pandas as pd
 from prefdiag.reports.common import (
     FLAG_LABELS,
     GROUP_HEADERS,
+    RESPONSE_FLAG_LABELS,
     as_text,
     baseline_rows,
     clean_text,
@@ -23,12 +24,15 @@ from prefdiag.reports.common import (
     metric_rows,
     pair_sections,
     provenance_rows,
+    row_id,
     short,
+    unit,
 )
 from prefdiag.reports.plots import report_plots
 
 NUMBERS = ["ref_margin", "policy_margin", "reward_margin", "dpo_loss", "chosen_logratio", "rejected_logratio",
-           "ref_margin_per_token", "policy_margin_per_token"]
+           "ref_margin_per_token", "policy_margin_per_token",
+           "ref_logp", "ref_logp_per_token", "policy_logp", "logratio", "reward"]  # the last: unpaired responses
 
 
 @functools.cache
@@ -68,6 +72,7 @@ def report_context(table: pd.DataFrame | None, summary: dict[str, Any], n_worst:
     column, group_headers, group_table = group_rows(summary)
     return {
         "command": str(summary.get("command") or ""),
+        "unit": unit(summary),
         "created_at": provenance.get("created_at", ""),
         "verdict": summary.get("verdict") or {"level": "ok", "text": ""},
         "gate_level": gate_level,
@@ -101,14 +106,22 @@ def _transitions(summary: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _pair(row: pd.Series, numbers: list[str]) -> dict[str, Any]:
-    flags = flag_labels(row, FLAG_LABELS)
+    """A pair (or an unpaired response) as the template shows it: id, numbers, flag chips and texts, each text
+    with its label and the CSS class that colours it."""
+    if "response_id" in row.index:  # unpaired (KTO): one completion, labelled
+        desirable = bool(row["label"])
+        texts = [("prompt", "prompt", as_text(row.get("prompt"))),
+                 ("desirable" if desirable else "undesirable", "chosen" if desirable else "rejected",
+                  as_text(row.get("completion")))]  # fmt: skip
+        chips = flag_labels(row, RESPONSE_FLAG_LABELS)
+    else:
+        texts = [(name, name, as_text(row.get(name))) for name in ("prompt", "chosen", "rejected")]
+        chips = flag_labels(row, FLAG_LABELS)
     return {
-        "pair_id": short(row["pair_id"]),
+        "pair_id": short(row_id(row)),
         "numbers": [(c, format_value(c, row[c])) for c in numbers if c in row.index],
-        "flags": flags,
-        "prompt": as_text(row.get("prompt")),
-        "chosen": as_text(row.get("chosen")),
-        "rejected": as_text(row.get("rejected")),
+        "flags": chips,
+        "texts": texts,
     }
 
 

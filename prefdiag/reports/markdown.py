@@ -12,6 +12,7 @@ import pandas as pd
 from prefdiag.reports.common import (
     DATA_FLAG_LABELS,
     GROUP_HEADERS,
+    RESPONSE_FLAG_LABELS,
     baseline_rows,
     clean_text,
     flag_labels,
@@ -22,12 +23,16 @@ from prefdiag.reports.common import (
     one_line,
     pair_sections,
     provenance_rows,
+    row_id,
+    unit,
 )
 
 MARKS = {"pass": "✅ pass", "fail": "❌ **FAIL**", "warn": "⚠️ warn"}
 # The per-pair numbers a list of pairs shows, in this order, headed with their units.
 _HEADERS = {"ref_margin": "ref margin (nats)", "policy_margin": "policy margin (nats)",
-            "reward_margin": "reward margin (beta x nats)", "dpo_loss": "DPO loss"}  # fmt: skip
+            "reward_margin": "reward margin (beta x nats)", "dpo_loss": "DPO loss",
+            "ref_logp_per_token": "ref log-prob per token", "policy_logp_per_token": "policy log-prob per token",
+            "reward": "reward (beta x nats)"}  # fmt: skip
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
 
 
@@ -58,7 +63,7 @@ def render_markdown(table: pd.DataFrame | None, summary: dict[str, Any], n_worst
     lines += [f"**Verdict ({md(verdict.get('level', 'ok'))}):** {md(verdict.get('text', ''))}", ""]
     findings = verdict.get("findings") or []
     if len(findings) > 1:
-        lines += ["| level | finding | pairs |", "| --- | --- | --- |"]
+        lines += [f"| level | finding | {unit(summary)}s |", "| --- | --- | --- |"]
         lines += [f"| {md(f['level'])} | {md(f['text'])} | {md(one_line(f.get('pairs_text', ''), 200))} |"
                   for f in findings]  # fmt: skip
         lines.append("")
@@ -96,21 +101,23 @@ def render_markdown(table: pd.DataFrame | None, summary: dict[str, Any], n_worst
         lines.append("| --- " * (len(headers) + 1) + "|")
         lines += ["| " + " | ".join(md(cell) for cell in row) + " |" for row in group_table]
     sections = pair_sections(table, n_worst)
+    what = unit(summary)
     if sections:
-        lines += ["", "## Worst pairs, by finding"]
+        lines += ["", f"## Worst {what}s, by finding"]
     for section in sections:
         worst = section.rows
         numbers = [c for c in _HEADERS if c in worst.columns]
         headers = [_HEADERS[c] for c in numbers] or ["flags"]
-        lines += ["", f"### {md(section.title)}", "", f"{len(worst)} of {section.n} pairs, by {md(section.order)}.",
-                  "", "| pair | " + " | ".join(headers) + " | prompt |"]  # fmt: skip
+        lines += ["", f"### {md(section.title)}", "", f"{len(worst)} of {section.n} {what}s, by {md(section.order)}.",
+                  "", f"| {what} | " + " | ".join(headers) + " | prompt |"]  # fmt: skip
         lines.append("| --- " * (len(headers) + 2) + "|")
         for _, row in worst.iterrows():
             if not numbers:
-                values = md(", ".join(flag_labels(row, DATA_FLAG_LABELS)))
+                labels = RESPONSE_FLAG_LABELS if what == "response" else DATA_FLAG_LABELS
+                values = md(", ".join(flag_labels(row, labels)))
             else:
                 values = " | ".join(f"{row[c]:.3f}" for c in numbers)
-            lines.append(f"| {_cell(row['pair_id'], 24)} | {values} | {_cell(row.get('prompt', ''), 60)} |")
+            lines.append(f"| {_cell(row_id(row), 24)} | {values} | {_cell(row.get('prompt', ''), 60)} |")
     lines += ["", "## Provenance", ""]
     lines += [f"- {key}: {md(text)}" for key, text in provenance_rows(summary.get("provenance") or {})]
     return "\n".join(lines) + "\n"

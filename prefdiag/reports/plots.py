@@ -39,7 +39,10 @@ class Plot:
 
 
 def report_plots(table: pd.DataFrame | None) -> list[Plot]:
-    """The plots a table supports: margins and log-prob changes with a policy, reference margins without."""
+    """The plots a table supports: margins and log-prob changes with a policy, reference margins without; for
+    unpaired (KTO) responses, per-token log-probs and log-ratios by label."""
+    if table is not None and "response_id" in table.columns:
+        return response_plots(table)
     if table is None or "ref_margin" not in table.columns or not table["ref_margin"].notna().any():
         return []
     if "non_finite" in table.columns:
@@ -68,6 +71,28 @@ def report_plots(table: pd.DataFrame | None) -> list[Plot]:
                   "Log-scaled axis. The dashed line is log 2, the loss of an untrained policy; the top tail holds the "
                   "likely mislabeled pairs.", [OTHER], marker=math.log(2), log_x=True),
     ]  # fmt: skip
+
+
+def response_plots(table: pd.DataFrame) -> list[Plot]:
+    """Unpaired (KTO) responses: the reference's per-token log-probs by label, and the policy's log-ratio by label."""
+    if "ref_logp_per_token" not in table.columns or not table["ref_logp_per_token"].notna().any():
+        return []
+    table = table[~table["non_finite"].astype(bool)]
+    desirable = table["label"].astype(bool)
+    plots = [histogram("Reference log-prob per token, by label",
+                       {"desirable": table.loc[desirable, "ref_logp_per_token"],
+                        "undesirable": table.loc[~desirable, "ref_logp_per_token"]},
+                       "log p_ref(completion) / tokens, nats", "Where the desirable mass sits right of the undesirable, "
+                       "the reference already favours the desirable responses.", [CHOSEN, REJECTED], marker=math.nan,
+                       unit="responses")]  # fmt: skip
+    if "logratio" in table.columns:
+        per_token = table["logratio"] / table["completion_tokens"].where(table["completion_tokens"] > 0)
+        plots.append(histogram("Log-prob change from reference to policy, per token, by label",
+                               {"desirable": per_token[desirable], "undesirable": per_token[~desirable]},
+                               "(policy - reference log-prob) / tokens, nats", "Desirable left of 0: likelihood "
+                               "displacement (a desirable response became less likely).", [CHOSEN, REJECTED],
+                               unit="responses"))  # fmt: skip
+    return plots
 
 
 def _finite(values: pd.Series) -> np.ndarray:
@@ -225,7 +250,7 @@ def length_scatter(table: pd.DataFrame) -> Plot:
 
 
 def histogram(title: str, series: dict[str, pd.Series], xlabel: str, caption: str, colours: list[str],
-              marker: float = 0.0, log_x: bool = False) -> Plot:  # fmt: skip
+              marker: float = 0.0, log_x: bool = False, unit: str = "pairs") -> Plot:  # fmt: skip
     """Overlaid histograms on shared bins over the 1st-99th percentile range (values beyond it are counted in
     the edge bins and named in the caption); bin width by the Freedman-Diaconis rule, 10 to 60 bins. ``log_x``
     bins log10 of positive values (a loss that spans decades)."""
@@ -268,13 +293,13 @@ def histogram(title: str, series: dict[str, pd.Series], xlabel: str, caption: st
             h = plot_h * c / top
             body.append(f'<rect x="{px(edges[i]):.1f}" y="{PAD_T + plot_h - h:.1f}" '
                         f'width="{max(px(edges[i + 1]) - px(edges[i]) - 0.5, 0.5):.1f}" height="{h:.1f}" '
-                        f'fill="{colour}" fill-opacity="{opacity}"><title>{escape(name)}: {c} pairs in '
+                        f'fill="{colour}" fill-opacity="{opacity}"><title>{escape(name)}: {c} {unit} in '
                         f"[{shown[i]:.3g}, {shown[i + 1]:.3g}]</title></rect>")  # fmt: skip
     if lo <= marker <= hi:
         body.append(f'<line x1="{px(marker):.1f}" y1="{PAD_T}" x2="{px(marker):.1f}" y2="{PAD_T + plot_h}" '
                     'class="marker"/>')  # fmt: skip
     body.append(_text(PAD_L + plot_w / 2, H - 6, xlabel, cls="axlabel"))
-    body.append(_text(14, PAD_T + plot_h / 2, "pairs", cls="axlabel", extra=f' transform="rotate(-90 14 '
+    body.append(_text(14, PAD_T + plot_h / 2, unit, cls="axlabel", extra=f' transform="rotate(-90 14 '
                       f'{PAD_T + plot_h / 2:.1f})"'))  # fmt: skip
     beyond = [f"{name}: {int((d < lo).sum())} below {lo_shown:.3g}, {int((d > hi).sum())} above {hi_shown:.3g}"
               for name, d in clean.items() if ((d < lo) | (d > hi)).any()]  # fmt: skip

@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from prefdiag.diagnostics import PairList
+from prefdiag.formatting import plural
 from prefdiag.reports.common import (
     GROUP_HEADERS,
     baseline_rows,
@@ -25,7 +26,9 @@ from prefdiag.reports.common import (
     metric_rows,
     one_line,
     pair_sections,
+    row_id,
     short,
+    unit,
 )
 
 LEVEL_STYLES = {"ok": "green", "warn": "yellow", "fail": "red", "none": "white"}
@@ -33,6 +36,9 @@ STATUS_STYLES = {"pass": "green", "fail": "bold red", "warn": "yellow"}
 BLOCKS = " ▏▎▍▌▋▊▉█"
 NUMBERS = [("ref_margin", "ref"), ("policy_margin", "policy"), ("reward_margin", "reward"), ("dpo_loss", "loss")]
 UNITS = "ref, policy: margins in nats; reward: beta x (policy - ref margin); loss: DPO loss"
+# Unpaired (KTO) responses: log-probs per token, and the change the policy made.
+RESPONSE_NUMBERS = [("ref_logp_per_token", "ref/tok"), ("policy_logp_per_token", "policy/tok"), ("reward", "reward")]
+RESPONSE_UNITS = "ref/tok, policy/tok: log-prob per token (nats); reward: beta x (policy - ref log-prob)"
 # Per-group columns that fit an 80-column log beside the group name.
 GROUP_COLUMNS = ["n_pairs", "reward_accuracy", "ranking_accuracy", "ref_ranking_accuracy",
                  "negative_margin_regime_rate", "mean_dpo_loss"]  # fmt: skip
@@ -47,9 +53,10 @@ def print_report(console: Console, table: pd.DataFrame | None, summary: dict[str
         metrics.add_row(label, value)
     console.print(metrics)
     if table is not None:
-        column = "reward_margin" if "reward_margin" in table.columns else "ref_margin"
-        if column in table.columns:
-            console.print(margin_histogram(table[column], column, width=min(console.width, 80)))
+        shown = ("reward_margin", "ref_margin", "reward", "ref_logp_per_token")  # the first the table has
+        column = next((c for c in shown if c in table.columns), None)
+        if column is not None:
+            console.print(margin_histogram(table[column], column, width=min(console.width, 80), what=unit(summary)))
         _print_worst(console, table, n_worst)
     _print_groups(console, summary)
     _print_baseline(console, summary)
@@ -61,10 +68,10 @@ def verdict_panel(summary: dict[str, Any]) -> Panel:
     """The verdict's findings in a panel titled with its level (what `prefdiag gate` prints beside the gate)."""
     verdict = summary.get("verdict", {})
     level = verdict.get("level", "ok")
-    return Panel(_findings_text(verdict), title=f"verdict: {level}", border_style=LEVEL_STYLES.get(level, "white"))
+    return Panel(_findings_text(verdict, unit(summary)), title=f"verdict: {level}", border_style=LEVEL_STYLES.get(level, "white"))
 
 
-def _findings_text(verdict: dict[str, Any]) -> Text:
+def _findings_text(verdict: dict[str, Any], what: str = "pair") -> Text:
     """The headline, then every further finding on its own line with its level and the pairs behind it."""
     findings = verdict.get("findings") or [{"level": verdict.get("level", "ok"), "text": verdict.get("text", "")}]
     text = Text()
@@ -74,7 +81,7 @@ def _findings_text(verdict: dict[str, Any]) -> Text:
         text.append(f"{finding['level']:<4} ", style=LEVEL_STYLES.get(finding["level"], "white"))
         text.append(clean_text(str(finding["text"]), bidi=True))
         if finding.get("pairs_text"):
-            text.append(f" Pairs: {short(finding['pairs_text'], 200)}.", style="dim")
+            text.append(f" {what.capitalize()}s: {short(finding['pairs_text'], 200)}.", style="dim")
     return text
 
 
@@ -89,15 +96,18 @@ def worst_pairs_table(table: pd.DataFrame | PairList, n_worst: int, width: int =
             return None
         section = sections[0]
     worst = section.rows.head(n_worst)
-    numbers = [(c, label) for c, label in NUMBERS if c in worst.columns]
-    ids = [short(v) for v in worst["pair_id"]]
+    unpaired = "response_id" in worst.columns
+    numbers = [(c, label) for c, label in (RESPONSE_NUMBERS if unpaired else NUMBERS) if c in worst.columns]
+    ids = [short(row_id(row)) for _, row in worst.iterrows()]
     title = f"{section.title} ({len(worst)} of {section.n}, by {section.order})"
-    if numbers:
+    if numbers and unpaired:
+        title += f"\n{RESPONSE_UNITS}"
+    elif numbers:
         title += f"\n{UNITS}" if "reward_margin" in worst.columns else "\nref: reference margin in nats"
     pairs = Table(title=escape(clean_text(title, bidi=True)), title_justify="left", box=box.SIMPLE_HEAD,
                   pad_edge=False)  # fmt: skip
     id_width = max(4, min(max(map(len, ids)), 24))
-    pairs.add_column("pair", no_wrap=True, min_width=id_width, max_width=id_width, overflow="ellipsis")
+    pairs.add_column("response" if unpaired else "pair", no_wrap=True, min_width=id_width, max_width=id_width, overflow="ellipsis")
     cells = {c: [f"{v:.2f}" for v in worst[c]] for c, _ in numbers}
     fixed = id_width
     for column, label in numbers:
@@ -131,11 +141,11 @@ def _print_groups(console: Console, summary: dict[str, Any]) -> None:
     console.print(table)
 
 
-def margin_histogram(values: pd.Series, name: str, width: int = 80, bins: int = 10) -> Text:
+def margin_histogram(values: pd.Series, name: str, width: int = 80, bins: int = 10, what: str = "pair") -> Text:
     """A compact histogram with unicode block bars, one line per bin, the bin holding 0 marked."""
     data = values.to_numpy(float)
     data = data[np.isfinite(data)]
-    text = Text(f"{name} distribution ({len(data)} pairs)\n", style="bold")
+    text = Text(f"{name} distribution ({plural(len(data), what)})\n", style="bold")
     if not len(data):
         return text
     lo, hi = float(data.min()), float(data.max())

@@ -1,0 +1,234 @@
+"""Unpaired KTO rows (prompt, completion, label) scored per response: the same log-probs as the same responses
+scored inside pairs, in every file format and layout; TRL's unpairing of paired data; the per-response metrics
+against brute-force definitions; the data checks; the reports, the gate and the bad input a user can give."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import make_conversations, make_pairs
+from test_data_formats import write
+from typer.testing import CliRunner
+
+from prefdiag import api
+from prefdiag.cli import app
+from prefdiag.data import load_pairs
+from prefdiag.options import RunOptions
+
+runner = CliRunner()
+
+
+def kto_rows(pairs: list[dict]) -> list[dict]:
+    """Each pair as TRL's unpair_preference_dataset writes it: its chosen (label true), then its rejected (false)."""
+    rows = []
+    for i, pair in enumerate(pairs):
+        for side, label in (("chosen", True), ("rejected", False)):
+            rows.append({"id": f"{i}/{side}", "prompt": pair["prompt"], "completion": pair[side], "label": label,
+                         "source": f"s{i % 3}"})  # fmt: skip
+    return rows
+
+
+def options(**kwargs) -> RunOptions:
+    return RunOptions(device="cpu", cache=False, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def pairs() -> list[dict]:
+    return make_pairs(12)
+
+
+@pytest.fixture(scope="module")
+def pair_run(pairs, tmp_path_factory, model_dirs):
+    path = write(pairs, tmp_path_factory.mktemp("pairs") / "pairs", "jsonl")
+    return api.compare(str(path), str(model_dirs["llama"]), str(model_dirs["llama-policy"]), options())
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet", "saved"])
+def test_kto_rows_get_the_log_probs_of_the_same_responses_scored_in_pairs(fmt, pairs, pair_run, model_dirs, tmp_path):
+    path = write(kto_rows(pairs), tmp_path / "kto", fmt)
+    run = api.compare(str(path), str(model_dirs["llama"]), str(model_dirs["llama-policy"]), options())
+    table = run.pairs
+    assert run.summary["data_shape"] == "kto" and run.summary["n_responses"] == 2 * len(pairs)
+    assert list(table["response_id"]) == [r["id"] for r in kto_rows(pairs)]
+    assert table["label"].dtype == bool and list(table["label"]) == [True, False] * len(pairs)
+    for model in ("ref", "policy"):
+        interleaved = np.ravel(np.column_stack([pair_run.pairs[f"{model}_chosen_logp"],
+                                                pair_run.pairs[f"{model}_rejected_logp"]]))  # fmt: skip
+        np.testing.assert_allclose(table[f"{model}_logp"], interleaved, rtol=1e-6, atol=1e-5)  # fp32 batches
+    tokens = np.ravel(np.column_stack([pair_run.pairs["chosen_tokens"], pair_run.pairs["rejected_tokens"]]))
+    assert list(table["completion_tokens"]) == list(tokens)
+    assert not any(c in table.columns for c in ("ref_margin", "dpo_loss", "reward_margin", "ches"))  # no pair metrics
+
+
+@pytest.mark.parametrize("layout", ["separate", "packed"])
+def test_every_layout_gives_the_same_response_log_probs(layout, pairs, model_dirs, tmp_path):
+    path = write(kto_rows(pairs), tmp_path / "kto", "jsonl")
+    prefix = api.audit(str(path), str(model_dirs["qwen"]), options())
+    other = api.audit(str(path), str(model_dirs["qwen"]), options(layout=layout))
+    np.testing.assert_allclose(other.pairs["ref_logp"], prefix.pairs["ref_logp"], rtol=0, atol=1e-5)
+
+
+def test_a_response_is_scored_once_not_as_two_sides_of_a_pair(pairs, model_dirs, tmp_path):
+    """A tie (chosen = rejected token ids, as every unpaired row is) lays the completion out once."""
+    from prefdiag.rows import build_rows
+    from prefdiag.tokenization import tokenize_pairs
+    from prefdiag.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(model_dirs["llama"]))
+    tied = tokenize_pairs(tokenizer, ["Q: one?"], [" yes"], [" yes"])
+    different = tokenize_pairs(tokenizer, ["Q: one?"], [" yes"], [" no"])
+    for layout in ("prefix", "separate"):
+        [row] = build_rows(tied, layout)  # separate: one row, not two
+        assert len(row.input_ids) == len(tied.prompt_ids[0]) + len(tied.chosen_ids[0])
+        assert sum(len(r.input_ids) for r in build_rows(different, layout)) > len(row.input_ids)
+
+
+def test_paired_data_read_as_kto_is_unpaired_as_trl_does(pairs, pair_run, model_dirs, tmp_path):
+    path = write(pairs, tmp_path / "pairs", "jsonl")
+    data = load_pairs(str(path), data_format="kto")
+    first, second = pairs[0]["id"], pairs[1]["id"]
+    assert list(data.table["pair_id"][:4]) == [f"{first}/chosen", f"{first}/rejected", f"{second}/chosen",
+                                               f"{second}/rejected"]  # fmt: skip
+    assert list(data.input_rows()[:4]) == [0, 0, 1, 1]
+    run = api.audit(str(path), str(model_dirs["llama"]), options(data_format="kto"))
+    from_file = api.audit(str(write(kto_rows(pairs), tmp_path / "kto", "jsonl")), str(model_dirs["llama"]), options())
+    np.testing.assert_allclose(run.pairs["ref_logp"], from_file.pairs["ref_logp"], rtol=0, atol=1e-9)
+    assert run.summary["provenance"]["dataset"]["unpaired_from_pairs"] == len(pairs)
+
+
+def test_conversational_kto_rows_match_the_pair_form(model_dirs, tmp_path):
+    conversations = make_conversations(6)
+    pair_path = write(conversations, tmp_path / "chat", "jsonl")
+    pair_run = api.audit(str(pair_path), str(model_dirs["qwen"]), options())
+    run = api.audit(str(write(kto_rows(conversations), tmp_path / "kto", "jsonl")), str(model_dirs["qwen"]),
+                    options())  # fmt: skip
+    expected = np.ravel(np.column_stack([pair_run.pairs["ref_chosen_logp"], pair_run.pairs["ref_rejected_logp"]]))
+    np.testing.assert_allclose(run.pairs["ref_logp"], expected, rtol=1e-6, atol=1e-5)
+
+
+def brute_auc(values: np.ndarray, labels: np.ndarray) -> float:
+    pairs = list(itertools.product(values[labels], values[~labels]))
+    return sum(1.0 if d > u else 0.5 if d == u else 0.0 for d, u in pairs) / len(pairs)
+
+
+def test_the_summary_follows_its_definitions(pairs, model_dirs, tmp_path):
+    rows = [row for i, row in enumerate(kto_rows(pairs)) if row["label"] or i < 12]  # 12 desirable, 6 undesirable
+    path = write(rows, tmp_path / "kto", "jsonl")
+    run = api.compare(str(path), str(model_dirs["llama"]), str(model_dirs["llama-policy"]), options(beta=0.25))
+    t, s = run.pairs, run.summary
+    label = t["label"].to_numpy()
+    per_token = t["ref_logp"] / t["completion_tokens"]
+    np.testing.assert_allclose(t["ref_logp_per_token"], per_token)
+    np.testing.assert_allclose(t["reward"], 0.25 * (t["policy_logp"] - t["ref_logp"]))
+    point = np.median(per_token)
+    assert s["ref_reference_point"] == pytest.approx(point)
+    assert list(t["ref_favoured"]) == list(per_token > point)
+    assert s["ref_favoured_desirable_rate"] == pytest.approx((per_token[label] > point).mean())
+    assert s["ref_favoured_undesirable_rate"] == pytest.approx((per_token[~label] > point).mean())
+    assert s["ref_desirable_auc"] == pytest.approx(brute_auc(per_token.to_numpy(), label))
+    assert s["policy_desirable_auc"] == pytest.approx(brute_auc(t["policy_logp_per_token"].to_numpy(), label))
+    # TRL's KTO logs: rewards/chosen and rewards/rejected are the means of beta x log-ratio per label.
+    assert s["mean_reward_desirable"] == pytest.approx(t.loc[label, "reward"].mean())
+    assert s["mean_reward_undesirable"] == pytest.approx(t.loc[~label, "reward"].mean())
+    assert s["mean_reward_gap"] == pytest.approx(s["mean_reward_desirable"] - s["mean_reward_undesirable"])
+    assert s["mean_logps_desirable"] == pytest.approx(t.loc[label, "policy_logp"].mean())
+    displaced = label & (t["policy_logp"] < t["ref_logp"]).to_numpy()
+    assert list(t["desirable_displaced"]) == list(displaced)
+    assert s["desirable_displaced_rate"] == pytest.approx(displaced.sum() / label.sum())
+    by_prompt = t.assign(pt=per_token).groupby(["prompt", "label"])["pt"].mean().unstack().dropna()
+    assert s["n_prompts_both_labels"] == len(by_prompt) == 6
+    assert s["ref_prompt_accuracy"] == pytest.approx((by_prompt[True] > by_prompt[False]).mean())
+    # KTO's balance, desirable_weight x n_D / (undesirable_weight x n_U) in [1, 4/3], with undesirable_weight 1:
+    assert (s["desirable_weight_min"], s["desirable_weight_max"]) == pytest.approx((0.5, 4 / 3 * 0.5))
+    finding = next(f for f in s["verdict"]["findings"] if f["id"] == "kto_weights")
+    assert finding["level"] == "warn" and "between 0.5 and 0.6667" in finding["text"]  # 12:6 is outside [1, 4/3]
+
+
+def test_data_checks_flag_duplicates_conflicting_labels_and_empty_completions(tmp_path):
+    rows = [
+        {"prompt": "Q: sky?", "completion": " blue", "label": True},
+        {"prompt": "Q: sky?", "completion": " blue", "label": True},  # a duplicate
+        {"prompt": "Q: sky?", "completion": "  blue ", "label": False},  # same text (whitespace): conflicting label
+        {"prompt": "Q: sea?", "completion": " wet", "label": True},
+        {"prompt": "Q: sea?", "completion": "   ", "label": False},  # empty
+        {"prompt": "Q: sun?", "completion": " hot", "label": "false"},
+    ]
+    run = api.audit(str(write(rows, tmp_path / "kto", "jsonl")), None, options())
+    t = run.pairs
+    assert list(t["duplicate"]) == [True, True, False, False, False, False]
+    assert list(t["conflicting_label"]) == [True, True, True, False, False, False]
+    assert list(t["empty_response"]) == [False, False, False, False, True, False]
+    assert run.summary["n_conflicting_label"] == 3 and "ref_logp" not in t.columns
+    ids = {f["id"]: f for f in run.summary["verdict"]["findings"]}
+    assert ids["conflicting_label"]["pairs"] == ["0", "1", "2"] and ids["conflicting_label"]["level"] == "warn"
+
+
+@pytest.mark.parametrize("value, ok", [(True, True), ("TRUE", True), (1, True), ("0", True), ("maybe", False),
+                                       (None, False), (2, False)])  # fmt: skip
+def test_labels_are_booleans_or_a_clear_error_naming_the_row(value, ok, tmp_path):
+    rows = [{"prompt": "Q?", "completion": " a", "label": True}, {"prompt": "Q?", "completion": " b", "label": value}]
+    path = write(rows, tmp_path / "kto", "jsonl")
+    result = runner.invoke(app, ["audit", str(path), "--data-format", "kto", "-q"])
+    if ok:
+        assert result.exit_code == 0, result.output
+        return
+    assert result.exit_code == 2
+    line = result.stderr.strip()
+    assert "\n" not in line and "row 2, column 'label'" in line and "Traceback" not in result.output
+
+
+def test_kto_rows_without_a_prompt_are_refused(tmp_path):
+    path = write([{"completion": " a", "label": True}, {"completion": " b", "label": False}], tmp_path / "k", "jsonl")
+    result = runner.invoke(app, ["audit", str(path), "--data-format", "kto"])
+    assert result.exit_code == 2 and "need a 'prompt' column" in result.stderr
+
+
+def test_cli_writes_the_responses_table_and_reports_and_gates_them(pairs, model_dirs, tmp_path):
+    rows = kto_rows(pairs)
+    rows[0]["completion"] = " <script>alert(1)</script> | *bold*"
+    path = write(rows, tmp_path / "kto", "jsonl")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["compare", str(path), "-r", str(model_dirs["llama"]), "-p",
+                                 str(model_dirs["llama-policy"]), "-o", str(out), "--no-cache",
+                                 "--group-by", "source"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "responses" in result.output and "desirable responses made less likely" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["junit.xml", "report.html", "report.md", "responses.parquet",
+                                                     "summary.json"]  # fmt: skip
+    table = pd.read_parquet(out / "responses.parquet")
+    assert table["response_id"].tolist() == [r["id"] for r in rows]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["groups"]["values"]) == {"s0", "s1", "s2"}
+    assert sum(g["n_responses"] for g in summary["groups"]["values"].values()) == len(rows)
+    html = (out / "report.html").read_text()
+    assert "<script>alert" not in html and "Worst responses" in html and "Reference log-prob per token" in html
+    markdown = (out / "report.md").read_text()
+    assert "<script>" not in markdown and "| response |" in markdown
+    auc = summary["ref_desirable_auc"]
+    failing = runner.invoke(app, ["gate", str(out), "--min", f"ref_desirable_auc={auc + 0.01}"])
+    assert failing.exit_code == 1, failing.output
+    passing = runner.invoke(app, ["gate", str(out), "--min", f"ref_desirable_auc={auc - 0.01}",
+                                  "--max", "conflicting_label_rate=0"])  # fmt: skip
+    assert passing.exit_code == 0, passing.output
+    assert api.RunResult.load(out).pairs["response_id"].tolist() == table["response_id"].tolist()
+
+
+def test_a_warm_cache_gives_the_same_numbers_without_loading_a_model(pairs, model_dirs, tmp_path):
+    path = write(kto_rows(pairs), tmp_path / "kto", "jsonl")
+    cached = RunOptions(device="cpu", cache_dir=str(tmp_path / "cache"))
+    first = api.audit(str(path), str(model_dirs["gpt2"]), cached)
+    again = api.audit(str(path), str(model_dirs["gpt2"]), cached)
+    assert again.summary["provenance"]["reference"]["pairs_from_cache"] == len(first.pairs)
+    pd.testing.assert_series_equal(first.pairs["ref_logp"], again.pairs["ref_logp"])
+
+
+def test_a_baseline_is_refused_on_kto_runs(pairs, model_dirs, tmp_path):
+    path = write(kto_rows(pairs)[:6], tmp_path / "kto", "jsonl")
+    out = tmp_path / "out"
+    assert runner.invoke(app, ["audit", str(path), "-r", str(model_dirs["gpt2"]), "-o", str(out), "-q"]).exit_code == 0
+    result = runner.invoke(app, ["audit", str(path), "-r", str(model_dirs["gpt2"]), "--baseline", str(out), "-q"])
+    assert result.exit_code == 2 and "unpaired (KTO)" in result.stderr
