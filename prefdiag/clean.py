@@ -66,14 +66,19 @@ def clean(
     """Write ``source`` to ``output`` without the pairs the rules flag, and the manifest beside it.
 
     ``rules``: flags to remove by (default DEFAULT_RULES); ``from_run``: a saved run's output directory whose per-pair
-    table gives the flags; ``reference`` (and ``policy``) with ``options`` (api.RunOptions): score here instead."""
+    table gives the flags; ``reference`` (and ``policy``) with ``options`` (api.RunOptions): score here instead.
+    ``options`` also says how the data is read (split, columns, data format, binarize seed); without it, ``split``,
+    ``columns`` and ``data_format`` do."""
     source_path, output_path = Path(source), Path(output)
     input_kind(source_path)  # a local file or save_to_disk directory, else one clear line now
     if output_path.resolve() == source_path.resolve():
         raise UsageError(f"--output {output}: is the input itself; write the cleaned data elsewhere")
+    read: dict[str, Any] = {"split": split, "columns": columns, "data_format": data_format}
     if options is not None:
-        split, columns, data_format = options.split, options.columns, options.data_format
-    data = load_pairs(source, split=split, columns=columns, data_format=data_format)
+        options.validate()
+        read = {"split": options.split, "columns": options.columns, "data_format": options.data_format,
+                "binarize_seed": options.binarize_seed}  # fmt: skip
+    data = load_pairs(source, **read)
     requested = tuple(dict.fromkeys(rules or DEFAULT_RULES))
     table, origin = _flags(data, from_run, reference, policy, options, progress)
     removed, skipped = _removals(data, table, requested, default=rules is None, origin=origin)
