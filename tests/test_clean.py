@@ -178,6 +178,33 @@ def test_rated_data_is_binarised_with_the_binarize_seed_as_audit_does(model_dirs
     assert (tmp_path / "seed3.jsonl").read_text().splitlines() == kept
 
 
+def test_from_a_rated_run_uses_its_seed_and_refuses_another(tmp_path):
+    path = write(rated_rows(), tmp_path / "uf", "jsonl")
+    run = tmp_path / "run"
+    result = runner.invoke(main_app, ["audit", str(path), "--binarize-seed", "3", "-o", str(run), "-q"])
+    assert result.exit_code == 0, result.output
+    expected = removed_by_default(run)
+    assert expected == {"0", "2", "3", "5"}  # (seed 0 removes 1, 2, 3 and 5)
+    for given in ([], ["--binarize-seed", "3"]):
+        out = tmp_path / f"out{len(given)}.jsonl"
+        result = runner.invoke(app, ["clean", str(path), "-o", str(out), "--from", str(run), *given])
+        assert result.exit_code == 0, result.output
+        assert {r["pair_id"] for r in json.loads(manifest_path(out).read_text())["removed"]} == expected, given
+    assert set(clean(str(path), str(tmp_path / "library.jsonl"), from_run=str(run)).removed) == expected
+    for given, message in (
+        (["--binarize-seed", "0"], f"--from {run}: the run binarised the rated data with --binarize-seed 3, this "
+                                   "clean with --binarize-seed 0"),
+        (["--data-format", "rated-best-worst"], f"--from {run}: the run read the data as rated pairs (--data-format "
+                                                "auto), this clean as rated-best-worst pairs"),
+    ):  # fmt: skip
+        out = tmp_path / "refused.jsonl"
+        result = runner.invoke(app, ["clean", str(path), "-o", str(out), "--from", str(run), *given])
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], result.stderr
+        assert not out.exists()
+
+
 def test_chat_template_gives_a_tokenizer_without_one_a_template(model_dirs, chat_file, tmp_path):
     from conftest import CHATML
 

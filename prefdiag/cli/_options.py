@@ -102,7 +102,7 @@ OptionalBinarizeSeed = Annotated[
     Optional[int],
     typer.Option(
         "--binarize-seed", metavar="SEED",
-        help=f"{_BINARIZE_SEED_HELP} (default {options.RunOptions.binarize_seed}).",
+        help=f"{_BINARIZE_SEED_HELP} (default: the --from run's, else {options.RunOptions.binarize_seed}).",
     ),
 ]  # fmt: skip
 Ches = Annotated[

@@ -68,9 +68,12 @@ def clean(
     Example: prefdiag clean pairs.jsonl --output clean.jsonl --rule likely_mislabeled --from out/
     """
     from prefdiag.clean import clean as clean_data
+    from prefdiag.clean import recorded_binarize_seed
     from prefdiag.cli._output import ProgressBars, setup_logging
 
     setup_logging(quiet)
+    if binarize_seed is None and from_run is not None:
+        binarize_seed = recorded_binarize_seed(from_run)  # the run's pairs, which its flags are about
     seed = {} if binarize_seed is None else {"binarize_seed": binarize_seed}  # else RunOptions' default
     options = _options(
         beta=beta, max_length=max_length, dtype=dtype, device=device, batch_tokens=None, layout=o.Layout.prefix,
