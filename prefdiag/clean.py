@@ -66,14 +66,26 @@ def clean(
     """Write ``source`` to ``output`` without the pairs the rules flag, and the manifest beside it.
 
     ``rules``: flags to remove by (default DEFAULT_RULES); ``from_run``: a saved run's output directory whose per-pair
-    table gives the flags; ``reference`` (and ``policy``) with ``options`` (api.RunOptions): score here instead."""
+    table gives the flags; ``reference`` (and ``policy``) with ``options`` (api.RunOptions): score here instead.
+    ``options`` also says how the data is read (split, columns, data format, binarize seed); without it, ``split``,
+    ``columns`` and ``data_format`` do, and rated data is binarised with ``from_run``'s recorded seed (else the
+    default). With ``from_run``, data read into other pairs than the run's (another shape, or rated data binarised
+    with another seed) is refused: the flags joined by pair_id would be another pair's."""
     source_path, output_path = Path(source), Path(output)
     input_kind(source_path)  # a local file or save_to_disk directory, else one clear line now
     if output_path.resolve() == source_path.resolve():
         raise UsageError(f"--output {output}: is the input itself; write the cleaned data elsewhere")
+    recorded = _recorded_dataset(Path(from_run)) if from_run is not None else {}
+    read: dict[str, Any] = {"split": split, "columns": columns, "data_format": data_format}
     if options is not None:
-        split, columns, data_format = options.split, options.columns, options.data_format
-    data = load_pairs(source, split=split, columns=columns, data_format=data_format)
+        options.validate()
+        read = {"split": options.split, "columns": options.columns, "data_format": options.data_format,
+                "binarize_seed": options.binarize_seed}  # fmt: skip
+    elif "binarize_seed" in recorded:
+        read["binarize_seed"] = recorded["binarize_seed"]
+    data = load_pairs(source, **read)
+    if from_run is not None:
+        _check_same_pairs(data, recorded, from_run)
     requested = tuple(dict.fromkeys(rules or DEFAULT_RULES))
     table, origin = _flags(data, from_run, reference, policy, options, progress)
     removed, skipped = _removals(data, table, requested, default=rules is None, origin=origin)
@@ -111,6 +123,48 @@ def _flags(
             result = api.audit(data, reference, options, progress)
         return result.pairs.reset_index(drop=True), "scored with " + " and ".join(filter(None, (reference, policy)))
     return checks.run_checks(data.table), "model-free checks"
+
+
+def recorded_binarize_seed(from_run: str) -> int | None:
+    """The seed a saved run binarised its data with, as its summary.json records it; None without one."""
+    return _recorded_dataset(Path(from_run)).get("binarize_seed")
+
+
+def _recorded_dataset(out_dir: Path) -> dict[str, Any]:
+    """How a saved run read its data: its shape (absent for prompt/chosen/rejected data), data format and binarize
+    seed, from its summary.json (provenance: dataset, options); {} when the directory has none."""
+    path = out_dir / "summary.json"
+    if not path.is_file():
+        return {}
+    try:
+        provenance = json.loads(path.read_text(encoding="utf-8"))["provenance"]
+        dataset, options = provenance.get("dataset", {}), provenance.get("options", {})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DataError(f"{path}: not a readable prefdiag summary.json: {first_line(exc)}") from None
+    recorded = {key: options[key] for key in ("data_format", "binarize_seed") if key in options}
+    if "binarize_seed" in dataset:  # the seed the shape was made with: the options' unless the data came loaded
+        recorded["binarize_seed"] = dataset["binarize_seed"]
+    if dataset.get("shape") is not None:
+        recorded["shape"] = dataset["shape"]
+    return recorded
+
+
+def _check_same_pairs(data: PairData, recorded: dict[str, Any], from_run: str) -> None:
+    """Refuse a saved run whose pairs are not these: pair ids are input rows (or ids), the same whatever the shape
+    or the seed, so the join by pair_id would succeed and give each pair another pair's flags."""
+    if not recorded:
+        return
+    shape, saved_shape = data.details.get("shape"), recorded.get("shape")
+    if shape != saved_shape:
+        words = {None: "prompt/chosen/rejected"}
+        raise UsageError(f"--from {from_run}: the run read the data as {words.get(saved_shape, saved_shape)} pairs "
+                         f"(--data-format {recorded.get('data_format', 'auto')}), this clean as "
+                         f"{words.get(shape, shape)} pairs; give the run's --data-format")  # fmt: skip
+    seed, saved_seed = data.details.get("binarize_seed"), recorded.get("binarize_seed")
+    if shape == "rated" and saved_seed is not None and seed != saved_seed:
+        raise UsageError(f"--from {from_run}: the run binarised the rated data with --binarize-seed {saved_seed}, "
+                         f"this clean with --binarize-seed {seed}: other pairs; give the run's seed (or leave "
+                         "--binarize-seed out)")  # fmt: skip
 
 
 def _saved_run(data: PairData, out_dir: Path) -> pd.DataFrame:

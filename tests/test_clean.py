@@ -138,3 +138,125 @@ def test_output_must_keep_the_input_format(tmp_path):
     path = write(planted()[0], tmp_path / "data", "jsonl")
     result = runner.invoke(app, ["clean", str(path), "-o", str(tmp_path / "out.csv")])
     assert result.exit_code == 2 and "expected a jsonl file name like the input" in result.stderr
+
+
+# -- the options clean shares with audit -------------------------------------------------------------------------------
+
+
+def rated_rows() -> list[dict]:
+    """UltraFeedback-style rows whose pairs depend on the binarize seed: the rejected completion is drawn among
+    " A" (the chosen text again: an identical pair), " B" and " C", so seeds differ in what is identical or a copy."""
+    completions = [{"response": " A", "overall_score": 9.0}, {"response": " A", "overall_score": 1.0},
+                   {"response": " B", "overall_score": 2.0}, {"response": " C", "overall_score": 3.0}]  # fmt: skip
+    return [{"instruction": "Same?", "completions": completions} for _ in range(6)]
+
+
+def removed_by_default(run) -> set[str]:
+    """The pairs the default rules remove, from a saved run's own per-pair table."""
+    pairs = pd.read_parquet(run / "pairs.parquet")
+    flags = [r for r in ("identical", "empty_response", "empty_prompt", "boundary_mismatch", "conflict")
+             if r in pairs.columns]  # fmt: skip
+    flagged = pairs[flags].fillna(False).astype(bool).any(axis=1) | pairs.duplicated(["prompt", "chosen", "rejected"])
+    return set(pairs.loc[flagged, "pair_id"].astype(str))
+
+
+def test_rated_data_is_binarised_with_the_binarize_seed_as_audit_does(model_dirs, tmp_path):
+    path = write(rated_rows(), tmp_path / "uf", "jsonl")
+    scoring = ["-r", str(model_dirs["llama"]), "--device", "cpu", "--no-cache"]
+    run = tmp_path / "run"
+    result = runner.invoke(main_app, ["audit", str(path), *scoring, "--binarize-seed", "3", "-o", str(run), "-q"])
+    assert result.exit_code == 0, result.output
+    expected = removed_by_default(run)
+    removed = {}
+    for seed in ("3", "0"):
+        out = tmp_path / f"seed{seed}.jsonl"
+        result = runner.invoke(app, ["clean", str(path), "-o", str(out), *scoring, "--binarize-seed", seed])
+        assert result.exit_code == 0, result.output
+        removed[seed] = {r["pair_id"] for r in json.loads(manifest_path(out).read_text())["removed"]}
+    assert removed["3"] == expected and removed["0"] != expected  # seed 0 would be other pairs
+    kept = [line for i, line in enumerate(path.read_text().splitlines()) if str(i) not in expected]
+    assert (tmp_path / "seed3.jsonl").read_text().splitlines() == kept
+
+
+def test_from_a_rated_run_uses_its_seed_and_refuses_another(tmp_path):
+    path = write(rated_rows(), tmp_path / "uf", "jsonl")
+    run = tmp_path / "run"
+    result = runner.invoke(main_app, ["audit", str(path), "--binarize-seed", "3", "-o", str(run), "-q"])
+    assert result.exit_code == 0, result.output
+    expected = removed_by_default(run)
+    assert expected == {"0", "2", "3", "5"}  # (seed 0 removes 1, 2, 3 and 5)
+    for given in ([], ["--binarize-seed", "3"]):
+        out = tmp_path / f"out{len(given)}.jsonl"
+        result = runner.invoke(app, ["clean", str(path), "-o", str(out), "--from", str(run), *given])
+        assert result.exit_code == 0, result.output
+        assert {r["pair_id"] for r in json.loads(manifest_path(out).read_text())["removed"]} == expected, given
+    assert set(clean(str(path), str(tmp_path / "library.jsonl"), from_run=str(run)).removed) == expected
+    for given, message in (
+        (["--binarize-seed", "0"], f"--from {run}: the run binarised the rated data with --binarize-seed 3, this "
+                                   "clean with --binarize-seed 0"),
+        (["--data-format", "rated-best-worst"], f"--from {run}: the run read the data as rated pairs (--data-format "
+                                                "auto), this clean as rated-best-worst pairs"),
+    ):  # fmt: skip
+        out = tmp_path / "refused.jsonl"
+        result = runner.invoke(app, ["clean", str(path), "-o", str(out), "--from", str(run), *given])
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], result.stderr
+        assert not out.exists()
+
+
+def test_chat_template_gives_a_tokenizer_without_one_a_template(model_dirs, chat_file, tmp_path):
+    from conftest import CHATML
+
+    args = ["clean", str(chat_file), "-r", str(model_dirs["llama"]), "--device", "cpu"]
+    refused = runner.invoke(app, [*args, "-o", str(tmp_path / "refused.jsonl")])
+    assert refused.exit_code == 2 and "no chat template" in refused.stderr.splitlines()[0]
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHATML)
+    result = runner.invoke(app, [*args, "--chat-template", str(template), "-o", str(tmp_path / "out.jsonl")])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(manifest_path(tmp_path / "out.jsonl").read_text())
+    assert manifest["skipped_rules"] == {} and "boundary_mismatch" in manifest["removed_by_rule"]  # a tokenizer ran
+
+
+def test_compat_reaches_the_tokenizer(model_dirs, tmp_path):
+    records = make_pairs(6)
+    for record in records[:3]:  # a prompt ending in a space merges into the completion under TRL 1.x
+        record.update(prompt="Question: the ", chosen="cat sat.")
+    path = write(records, tmp_path / "data", "jsonl")
+    args = ["clean", str(path), "-r", str(model_dirs["llama"]), "--device", "cpu", "--rule", "boundary_mismatch"]
+    mismatched = {}
+    for name, extra in (("trl1", []), ("trl0", ["--compat", "trl0"])):
+        out = tmp_path / f"{name}.jsonl"
+        result = runner.invoke(app, [*args, *extra, "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        mismatched[name] = json.loads(manifest_path(out).read_text())["n_removed"]
+    assert mismatched["trl1"] == 3 and mismatched["trl0"] == 0  # TRL 0.x tokenizes the parts apart: no mismatch
+    bad = runner.invoke(app, [*args, "--max-prompt-length", "8", "-o", str(tmp_path / "bad.jsonl")])
+    assert bad.exit_code == 2 and "applies to --compat trl0 and rewardbench only" in bad.stderr.splitlines()[0]
+    assert not (tmp_path / "bad.jsonl").exists()
+
+
+def test_every_shared_option_reaches_the_run_options(monkeypatch, tmp_path):
+    from prefdiag import api
+
+    seen = []
+    audit = api.audit
+
+    def recording_audit(data, reference, options, progress=None):
+        seen.append(options)
+        return audit(data, None, options, progress)  # the model-free table: no model to load
+
+    monkeypatch.setattr(api, "audit", recording_audit)
+    path = write(planted()[0], tmp_path / "data", "jsonl")
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ messages }}")
+    result = runner.invoke(app, ["clean", str(path), "-o", str(tmp_path / "out.jsonl"), "-r", "some/model",
+                                 "--tokenizer", "some/tokenizer", "--reference-revision", "v2", "--trust-remote-code",
+                                 "--chat-template", str(template), "--compat", "rewardbench", "--max-prompt-length",
+                                 "64", "--binarize-seed", "7"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    [options] = seen
+    assert (options.tokenizer, options.reference_revision, options.trust_remote_code, options.chat_template,
+            options.compat, options.max_prompt_length, options.binarize_seed) == (
+        "some/tokenizer", "v2", True, str(template), "rewardbench", 64, 7)  # fmt: skip

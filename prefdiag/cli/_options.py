@@ -96,11 +96,13 @@ DataFormatOpt = Annotated[
         "detected and refused.",
     ),
 ]
-BinarizeSeed = Annotated[
-    int,
+_BINARIZE_SEED_HELP = "rated data: the seed that picks the rejected completion among those rated below the best"
+BinarizeSeed = Annotated[int, typer.Option("--binarize-seed", metavar="SEED", help=_BINARIZE_SEED_HELP + ".")]
+OptionalBinarizeSeed = Annotated[
+    Optional[int],
     typer.Option(
         "--binarize-seed", metavar="SEED",
-        help="rated data: the seed that picks the rejected completion among those rated below the best.",
+        help=f"{_BINARIZE_SEED_HELP} (default: the --from run's, else {options.RunOptions.binarize_seed}).",
     ),
 ]  # fmt: skip
 Ches = Annotated[

@@ -9,7 +9,7 @@ import typer
 from prefdiag.cli import _options as o
 from prefdiag.cli._errors import handles_errors
 from prefdiag.cli.scoring_commands import _options
-from prefdiag.options import DEFAULT_BETA
+from prefdiag.options import DEFAULT_BETA, RunOptions
 
 CleanOutput = Annotated[
     str,
@@ -41,12 +41,19 @@ def clean(
     max_length: o.MaxLength = None,
     dtype: o.DtypeOpt = o.Dtype.auto,
     device: o.DeviceOpt = o.Device.auto,
+    tokenizer: o.Tokenizer = None,
+    revision: o.Revision = None,
+    trust_remote_code: o.TrustRemoteCode = False,
     split: o.Split = None,
     prompt_column: o.PromptColumn = "prompt",
     chosen_column: o.ChosenColumn = "chosen",
     rejected_column: o.RejectedColumn = "rejected",
     id_column: o.IdColumn = None,
     data_format: o.DataFormatOpt = o.DataFormat.auto,
+    binarize_seed: o.OptionalBinarizeSeed = None,
+    chat_template: o.ChatTemplate = None,
+    compat: o.CompatOpt = o.Compat(RunOptions.compat),
+    max_prompt_length: o.MaxPromptLength = None,
     no_cache: o.NoCache = False,
     cache_dir: o.CacheDir = None,
     quiet: o.Quiet = False,
@@ -61,14 +68,19 @@ def clean(
     Example: prefdiag clean pairs.jsonl --output clean.jsonl --rule likely_mislabeled --from out/
     """
     from prefdiag.clean import clean as clean_data
+    from prefdiag.clean import recorded_binarize_seed
     from prefdiag.cli._output import ProgressBars, setup_logging
 
     setup_logging(quiet)
+    if binarize_seed is None and from_run is not None:
+        binarize_seed = recorded_binarize_seed(from_run)  # the run's pairs, which its flags are about
+    seed = {} if binarize_seed is None else {"binarize_seed": binarize_seed}  # else RunOptions' default
     options = _options(
         beta=beta, max_length=max_length, dtype=dtype, device=device, batch_tokens=None, layout=o.Layout.prefix,
-        shard=False, tokenizer=None, reference_revision=None, trust_remote_code=False, split=split,
-        prompt_column=prompt_column, chosen_column=chosen_column, rejected_column=rejected_column,
+        shard=False, tokenizer=tokenizer, reference_revision=revision, trust_remote_code=trust_remote_code,
+        split=split, prompt_column=prompt_column, chosen_column=chosen_column, rejected_column=rejected_column,
         id_column=id_column, cache=not no_cache, cache_dir=cache_dir, data_format=data_format, group_by=None,
+        chat_template=chat_template, compat=compat, max_prompt_length=max_prompt_length, **seed,
     )  # fmt: skip
     rules = tuple(rule) if rule else None
     with ProgressBars(quiet) as progress:
