@@ -6,7 +6,12 @@ Rules are boolean per-pair flags. By default the broken pairs go: ``identical``,
 ``conflict``. Any other boolean column of the per-pair table may be named (``reversed_pair``, ``likely_mislabeled``,
 ``ref_prefers_rejected``, ``high_ches``...): those come from a saved run (``from_run``, its pairs.parquet joined by
 pair_id) or from scoring here with a reference (and policy). Cleaning a cleaned file with the model-free rules
-removes nothing (one copy of each duplicate stays)."""
+removes nothing (one copy of each duplicate stays).
+
+Unpaired KTO rows are cleaned by their per-response flags (prefdiag.unpaired): by default ``empty_response``,
+``empty_prompt``, ``boundary_mismatch``, ``duplicate`` (the same prompt, completion and label; every copy but the
+first) and ``conflicting_label``; or any boolean column of the responses table (``desirable_displaced``...), a
+saved run's responses.parquet joined by response_id."""
 
 from __future__ import annotations
 
@@ -22,8 +27,10 @@ from prefdiag import checks
 from prefdiag.data import ColumnMap, PairData, load_pairs
 from prefdiag.data.writeback import input_kind, write_file_atomically, write_rows
 from prefdiag.errors import DataError, UsageError, first_line
+from prefdiag.unpaired import SHAPE, later_copies, response_table
 
 DEFAULT_RULES = ("identical", "empty_response", "empty_prompt", "boundary_mismatch", "duplicate", "conflict")
+RESPONSE_DEFAULT_RULES = ("empty_response", "empty_prompt", "boundary_mismatch", "duplicate", "conflicting_label")
 TOKENIZER_RULES = ("boundary_mismatch", "truncated", "dropped")  # flags a tokenizer gives
 MANIFEST_SUFFIX = ".manifest.json"
 MANIFEST_VERSION = 1
@@ -35,9 +42,10 @@ class CleanResult:
 
     output: Path
     manifest: Path
-    n_pairs: int
-    removed: dict[str, list[str]] = field(default_factory=dict)  # pair_id -> rules
+    n_pairs: int  # rows of the data as read: pairs, or responses for unpaired KTO rows
+    removed: dict[str, list[str]] = field(default_factory=dict)  # pair_id (response_id) -> rules
     skipped_rules: dict[str, str] = field(default_factory=dict)  # rule -> why it did not run
+    unit: str = "pair"  # "response" for unpaired KTO rows
 
     @property
     def n_removed(self) -> int:
@@ -84,9 +92,13 @@ def clean(
     elif "binarize_seed" in recorded:
         read["binarize_seed"] = recorded["binarize_seed"]
     data = load_pairs(source, **read)
+    unpaired = data.details.get("shape") == SHAPE
+    if unpaired and data.details.get("unpaired_from_pairs"):
+        raise UsageError(f"clean {source}: paired data read as KTO rows cannot be written back row by row; clean it "
+                         "as pairs (without --data-format kto)")  # fmt: skip
     if from_run is not None:
         _check_same_pairs(data, recorded, from_run)
-    requested = tuple(dict.fromkeys(rules or DEFAULT_RULES))
+    requested = tuple(dict.fromkeys(rules or (RESPONSE_DEFAULT_RULES if unpaired else DEFAULT_RULES)))
     table, origin = _flags(data, from_run, reference, policy, options, progress)
     removed, skipped = _removals(data, table, requested, default=rules is None, origin=origin)
 
@@ -97,7 +109,8 @@ def clean(
         if pair_id in removed:
             keep[rows[position]] = False
     write_rows(source_path, output_path, keep, data.details.get("split"))
-    result = CleanResult(output_path, manifest_path(output_path), len(ids), removed, skipped)
+    result = CleanResult(output_path, manifest_path(output_path), len(ids), removed, skipped,
+                         "response" if unpaired else "pair")  # fmt: skip
     _write_manifest(result, source, requested, origin, ids, rows)
     return result
 
@@ -122,6 +135,8 @@ def _flags(
         else:
             result = api.audit(data, reference, options, progress)
         return result.pairs.reset_index(drop=True), "scored with " + " and ".join(filter(None, (reference, policy)))
+    if data.details.get("shape") == SHAPE:
+        return response_table(data.table, checks.text_features(data.table), None, beta=1.0), "model-free checks"
     return checks.run_checks(data.table), "model-free checks"
 
 
@@ -168,28 +183,30 @@ def _check_same_pairs(data: PairData, recorded: dict[str, Any], from_run: str) -
 
 
 def _saved_run(data: PairData, out_dir: Path) -> pd.DataFrame:
-    candidates = [out_dir / f"pairs.{ext}" for ext in ("parquet", "jsonl", "csv")]
+    """The saved run's per-pair table (per-response for KTO rows), in the order of data.table."""
+    name, key = ("responses", "response_id") if data.details.get("shape") == SHAPE else ("pairs", "pair_id")
+    candidates = [out_dir / f"{name}.{ext}" for ext in ("parquet", "jsonl", "csv")]
     path = next((p for p in candidates if p.exists()), None)
     if path is None:
-        raise UsageError(f"--from {out_dir}: no pairs.parquet (nor pairs.jsonl, pairs.csv) from a prefdiag run")
+        raise UsageError(f"--from {out_dir}: no {name}.parquet (nor {name}.jsonl, {name}.csv) from a prefdiag run")
     try:
         if path.suffix == ".parquet":
             pairs = pd.read_parquet(path)
         elif path.suffix == ".jsonl":
-            pairs = pd.read_json(path, lines=True, dtype={"pair_id": str})
+            pairs = pd.read_json(path, lines=True, dtype={key: str})
         else:
-            pairs = pd.read_csv(path, dtype={"pair_id": str}, keep_default_na=False)
+            pairs = pd.read_csv(path, dtype={key: str}, keep_default_na=False)
     except Exception as exc:  # a corrupt table: pandas and pyarrow raise many types
-        raise DataError(f"{path}: not a readable per-pair table: {first_line(exc)}") from None
-    if "pair_id" not in pairs.columns:
-        raise DataError(f"{path}: no pair_id column to join the data by")
-    pairs["pair_id"] = pairs["pair_id"].astype(str)
+        raise DataError(f"{path}: not a readable {name} table: {first_line(exc)}") from None
+    if key not in pairs.columns:
+        raise DataError(f"{path}: no {key} column to join the data by")
+    pairs[key] = pairs[key].astype(str)
     ids = data.table["pair_id"].astype(str)
-    missing = ~ids.isin(pairs["pair_id"])
+    missing = ~ids.isin(pairs[key])
     if missing.any():
-        raise DataError(f"{path}: {int(missing.sum())} of the data's {len(ids)} pair ids are not in this run (first: "
-                        f"{ids[missing].iloc[0]!r}); was it run on this data?")  # fmt: skip
-    return pairs.drop_duplicates("pair_id").set_index("pair_id").loc[ids.tolist()].reset_index()
+        raise DataError(f"{path}: {int(missing.sum())} of the data's {len(ids)} {key.replace('_', ' ')}s are not in "
+                        f"this run (first: {ids[missing].iloc[0]!r}); was it run on this data?")  # fmt: skip
+    return pairs.drop_duplicates(key).set_index(key).loc[ids.tolist()].reset_index()
 
 
 def _removals(
@@ -197,21 +214,25 @@ def _removals(
 ) -> tuple[dict[str, list[str]], dict[str, str]]:
     """pair_id -> the rules that remove it, and the rules that could not run (with why)."""
     ids = data.table["pair_id"].tolist()
+    unpaired = data.details.get("shape") == SHAPE
     removed: dict[str, list[str]] = {}
     skipped: dict[str, str] = {}
     for rule in rules:
-        if rule == "duplicate":
+        if rule == "duplicate" and unpaired:
+            flags = later_copies(checks.text_features(data.table), data.table["label"].to_numpy(bool))
+        elif rule == "duplicate":
             flags = checks.later_copies(checks.text_features(data.table))
         elif rule in table.columns and _is_flag(table[rule]):
             flags = table[rule].fillna(False).to_numpy(bool)
-        elif rule in checks.CHECKS:
+        elif rule in checks.CHECKS and not unpaired:
             flags = checks.run_checks(data.table)[rule].to_numpy(bool)
         elif default and rule in TOKENIZER_RULES:
             skipped[rule] = "needs a tokenizer: give --reference or --from a run with a model"
             continue
         else:
             available = sorted(c for c in table.columns if _is_flag(table[c])) + ["duplicate"]
-            raise UsageError(f"clean: no boolean flag {rule!r} in the per-pair table ({origin}); flags: "
+            raise UsageError(f"clean: no boolean flag {rule!r} in the per-{'response' if unpaired else 'pair'} table "
+                             f"({origin}); flags: "
                              f"{', '.join(sorted(set(available)))}")  # fmt: skip
         for position in np.flatnonzero(flags):
             removed.setdefault(ids[position], []).append(rule)
@@ -231,6 +252,7 @@ def _write_manifest(
               if rule not in result.skipped_rules}  # fmt: skip
     position = {pair_id: i for i, pair_id in enumerate(ids)}
     in_order = sorted(result.removed, key=position.__getitem__)
+    key = f"{result.unit}_id"
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "source": str(source),
@@ -238,12 +260,12 @@ def _write_manifest(
         "flags_from": origin,
         "rules": list(rules),
         "skipped_rules": result.skipped_rules,
-        "n_pairs": result.n_pairs,
+        f"n_{result.unit}s": result.n_pairs,
         "n_removed": result.n_removed,
         "n_kept": result.n_pairs - result.n_removed,
         "removed_by_rule": counts,
         "removed": [
-            {"pair_id": pair_id, "row": int(rows[position[pair_id]]) + 1, "rules": result.removed[pair_id]}
+            {key: pair_id, "row": int(rows[position[pair_id]]) + 1, "rules": result.removed[pair_id]}
             for pair_id in in_order
         ],
     }

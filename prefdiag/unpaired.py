@@ -84,12 +84,22 @@ def response_table(pairs: pd.DataFrame, features: Any, scores: pd.DataFrame | No
     return out[leading + [c for c in out.columns if c not in leading]]
 
 
-def _data_checks(features: Any, label: np.ndarray) -> dict[str, np.ndarray]:
-    """The model-free checks of unpaired rows, from the hashes of their normalised text."""
+def _row_keys(features: Any, label: np.ndarray) -> tuple[pd.Series, pd.Series]:
+    """Per row: a hash of its normalised (prompt, completion), and of (prompt, completion, label)."""
     from prefdiag.checks import _combine
 
     text = pd.Series(_combine(features.prompt_key, features.chosen_key))
-    row = text.astype(str) + np.where(label, "+", "-")
+    return text, text.astype(str) + np.where(label, "+", "-")
+
+
+def later_copies(features: Any, label: np.ndarray) -> np.ndarray:
+    """Every copy of a duplicated (prompt, completion, label) but the first: what removing duplicates drops."""
+    return _row_keys(features, label)[1].duplicated(keep="first").to_numpy()
+
+
+def _data_checks(features: Any, label: np.ndarray) -> dict[str, np.ndarray]:
+    """The model-free checks of unpaired rows, from the hashes of their normalised text."""
+    text, row = _row_keys(features, label)
     labels_per_text = pd.Series(label).groupby(text.to_numpy()).transform("nunique").to_numpy()
     return {
         "duplicate": row.duplicated(keep=False).to_numpy(),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -232,3 +233,51 @@ def test_a_baseline_is_refused_on_kto_runs(pairs, model_dirs, tmp_path):
     assert runner.invoke(app, ["audit", str(path), "-r", str(model_dirs["gpt2"]), "-o", str(out), "-q"]).exit_code == 0
     result = runner.invoke(app, ["audit", str(path), "-r", str(model_dirs["gpt2"]), "--baseline", str(out), "-q"])
     assert result.exit_code == 2 and "unpaired (KTO)" in result.stderr
+
+
+PLANTED = [  # (row, expected removal rules)
+    {"id": "a", "prompt": "Q: sky?", "completion": " blue", "label": True},
+    {"id": "b", "prompt": "Q: sky?", "completion": " blue", "label": True},  # a later copy of a: duplicate
+    {"id": "c", "prompt": "Q: sea?", "completion": " wet", "label": True},
+    {"id": "d", "prompt": "Q: sea?", "completion": " wet ", "label": False},  # c's text labelled both ways
+    {"id": "e", "prompt": "Q: sun?", "completion": "  ", "label": False},  # empty
+    {"id": "f", "prompt": "Q: sun?", "completion": " hot", "label": True, "note": "kept"},
+]
+REMOVED = {"b": ["duplicate"], "c": ["conflicting_label"], "d": ["conflicting_label"], "e": ["empty_response"]}
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet", "saved"])
+def test_clean_removes_exactly_the_planted_kto_rows_and_is_idempotent(fmt, tmp_path):
+    source = write(PLANTED, tmp_path / "kto", fmt)
+    output = tmp_path / ("clean" + ("" if fmt == "saved" else source.suffix))
+    result = runner.invoke(app, ["clean", str(source), "-o", str(output)])
+    assert result.exit_code == 0, result.output
+    assert "removed 4 of 6 responses" in result.output
+    manifest = json.loads(Path(f"{output}.manifest.json").read_text())
+    assert {r["response_id"]: r["rules"] for r in manifest["removed"]} == REMOVED and manifest["n_responses"] == 6
+    kept = load_pairs(str(output)).table
+    assert kept["pair_id"].tolist() == ["a", "f"] and kept["label"].tolist() == [True, True]
+    again = tmp_path / ("again" + ("" if fmt == "saved" else source.suffix))
+    assert "removed 0 of 2 responses" in runner.invoke(app, ["clean", str(output), "-o", str(again)]).output
+
+
+def test_clean_takes_a_policy_flag_from_a_saved_kto_run(pairs, model_dirs, tmp_path):
+    source = write(kto_rows(pairs), tmp_path / "kto", "jsonl")
+    out = tmp_path / "run"
+    run = runner.invoke(app, ["compare", str(source), "-r", str(model_dirs["llama"]), "-p",
+                              str(model_dirs["llama-policy"]), "-o", str(out), "-q", "--no-cache"])  # fmt: skip
+    assert run.exit_code == 0, run.output
+    displaced = pd.read_parquet(out / "responses.parquet").query("desirable_displaced")["response_id"].tolist()
+    assert displaced  # the tiny policy lowers some desirable responses
+    output = tmp_path / "clean.jsonl"
+    result = runner.invoke(app, ["clean", str(source), "-o", str(output), "--from", str(out), "--rule",
+                                 "desirable_displaced"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    kept = [json.loads(line)["id"] for line in output.read_text().splitlines()]
+    assert kept == [r["id"] for r in kto_rows(pairs) if r["id"] not in displaced]
+
+
+def test_clean_refuses_paired_data_read_as_kto(pairs, tmp_path):
+    source = write(pairs, tmp_path / "pairs", "jsonl")
+    result = runner.invoke(app, ["clean", str(source), "-o", str(tmp_path / "c.jsonl"), "--data-format", "kto"])
+    assert result.exit_code == 2 and "clean it as pairs" in result.stderr and not (tmp_path / "c.jsonl").exists()

@@ -92,5 +92,5 @@ def clean(
             counts[name] = counts.get(name, 0) + 1
     by_rule = ", ".join(f"{n} {name}" for name, n in counts.items()) or "none flagged"
     skipped = f"; skipped: {', '.join(result.skipped_rules)}" if result.skipped_rules and rules is None else ""
-    print(f"removed {result.n_removed} of {result.n_pairs} pairs ({by_rule}){skipped}; wrote {result.output} and "
+    print(f"removed {result.n_removed} of {result.n_pairs} {result.unit}s ({by_rule}){skipped}; wrote {result.output} and "
           f"{result.manifest}")  # fmt: skip
