@@ -270,7 +270,7 @@ def findings(s: dict[str, Any]) -> list[dict[str, Any]]:
                 "median).")  # fmt: skip
         if auc is not None:
             text += (f" Ranked by it, a desirable response beats an undesirable one with AUC {_v(s, 'ref_desirable_auc')}"
-                     " (0.5: no separation).")
+                     " (one half: no separation).")
         keys = ["ref_favoured_desirable_rate", "ref_favoured_undesirable_rate"] + (["ref_desirable_auc"] if auc
                                                                                     is not None else [])
         add("ref_favours_undesirable", "warn" if auc is not None and auc < 0.5 else "ok", text, keys,
@@ -288,8 +288,8 @@ def findings(s: dict[str, Any]) -> list[dict[str, Any]]:
         ratio = s["n_desirable"] / s["n_undesirable"]
         level = "ok" if WEIGHT_RATIO[0] <= ratio <= WEIGHT_RATIO[1] else "warn"
         add("kto_weights", level, f"{_v(s, 'n_desirable')} desirable and {_v(s, 'n_undesirable')} undesirable "
-            f"responses: with undesirable_weight 1, KTO's recommended balance needs desirable_weight between "
-            f"{_v(s, 'desirable_weight_min')} and {_v(s, 'desirable_weight_max')}.",
+            f"responses: KTO's recommended balance needs desirable_weight between {_v(s, 'desirable_weight_min')} "
+            f"and {_v(s, 'desirable_weight_max')} (undesirable_weight at its default).",
             ["n_desirable", "n_undesirable", "desirable_weight_min", "desirable_weight_max"])
     elif s.get("n_responses"):
         only = "desirable" if s.get("n_desirable") else "undesirable"

@@ -134,3 +134,32 @@ def test_nothing_overflows_the_viewport_at_desktop_and_phone_widths(report, tmp_
     assert facts["offenders"] == [], facts
     # Plots stay legible: each gets (nearly) the page's width on a phone, up to its own cap on a desktop.
     assert len(facts["svg_widths"]) == 5 and min(facts["svg_widths"]) >= min(0.8 * width, 450), facts
+
+
+@pytest.fixture(scope="module")
+def kto_report(tmp_path_factory) -> Path:
+    """The sample's pairs read as KTO rows (unpaired as TRL's KTOTrainer does), reference against policy."""
+    out = tmp_path_factory.mktemp("browser-kto") / "out"
+    result = CliRunner().invoke(
+        app,
+        ["compare", str(SAMPLE / "pairs.jsonl"), "-r", str(SAMPLE / "models" / "reference"), "-p",
+         str(SAMPLE / "models" / "policy"), "--data-format", "kto", "--device", "cpu", "-q", "-o", str(out),
+         "--group-by", "category"],
+        catch_exceptions=False,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return out / "report.html"
+
+
+@needs_browser
+@pytest.mark.parametrize("width", WIDTHS)
+def test_the_kto_report_fits_desktop_and_phone_widths(kto_report, tmp_path, width):
+    browser = find_browser()
+    png = tmp_path / f"kto-{width}.png"
+    screenshot(browser, kto_report, png, tmp_path / "profile", width, 2600)
+    print(f"\nscreenshot at {width} px: {png}")
+    facts = measure(browser, kto_report, tmp_path / "profile", width)
+    assert facts["scrollWidth"] <= facts["viewport"] == width and facts["offenders"] == [], facts
+    assert len(facts["svg_widths"]) == 2 and min(facts["svg_widths"]) >= min(0.8 * width, 450), facts
+    if os.environ.get("PREFDIAG_KEEP_SCREENSHOT"):
+        shutil.copy(png, Path(os.environ["PREFDIAG_KEEP_SCREENSHOT"]).with_suffix(f".kto-{width}.png"))

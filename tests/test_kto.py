@@ -281,3 +281,32 @@ def test_clean_refuses_paired_data_read_as_kto(pairs, tmp_path):
     source = write(pairs, tmp_path / "pairs", "jsonl")
     result = runner.invoke(app, ["clean", str(source), "-o", str(tmp_path / "c.jsonl"), "--data-format", "kto"])
     assert result.exit_code == 2 and "clean it as pairs" in result.stderr and not (tmp_path / "c.jsonl").exists()
+
+
+def test_every_finding_quotes_only_numbers_of_the_summary(pairs, model_dirs, tmp_path):
+    """As for pairs (tests/test_verdict.py): each number a sentence quotes is one of its ``numbers``, formatted as
+    the reports format that key, and equal to the summary's value."""
+    import re
+
+    from prefdiag import flags
+    from prefdiag.formatting import format_value
+
+    rows = kto_rows(pairs)
+    path = write(rows + PLANTED, tmp_path / "kto", "jsonl")
+    lopsided = write([r for r in rows if r["label"]][:5] + rows[1:2], tmp_path / "lopsided", "jsonl")
+    runs = [api.audit(str(path), None, options()), api.audit(str(path), str(model_dirs["gpt2"]), options()),
+            api.compare(str(path), str(model_dirs["gpt2"]), str(model_dirs["gpt2-policy"]), options()),
+            api.compare(str(lopsided), str(model_dirs["gpt2"]), str(model_dirs["gpt2"]), options())]  # fmt: skip
+    seen = set()
+    for run in runs:
+        for f in run.summary["verdict"]["findings"]:
+            seen.add(f["id"])
+            text = f["text"]
+            for label in flags.RESPONSE_LABELS.values():
+                text = text.replace(label, "")
+            quoted = re.findall(r"-?\d+(?:\.\d+)?%?", text)
+            allowed = {format_value(key, value) for key, value in f["numbers"].items()}
+            assert all(run.summary[key] == value for key, value in f["numbers"].items()), f["id"]
+            assert set(quoted) <= allowed, (f["id"], quoted, allowed)
+    assert {"ref_favours_undesirable", "desirable_displaced", "policy_unchanged", "kto_weights", "duplicate",
+            "conflicting_label", "empty_response"} <= seen  # fmt: skip

@@ -96,6 +96,17 @@ KEY_METRICS = [
     "flip_rate",
     "break_rate",
 ]
+RESPONSE_KEY_METRICS = [  # the same, for unpaired (KTO) runs
+    "n_responses",
+    "desirable_rate",
+    "ref_desirable_auc",
+    "ref_favoured_desirable_rate",
+    "ref_favoured_undesirable_rate",
+    "policy_desirable_auc",
+    "desirable_displaced_rate",
+    "undesirable_raised_rate",
+    "mean_reward_gap",
+]
 # Short column headers for the per-group table (terminal and HTML); a flag rate is headed by the registry's label
 # unless that is too wide for an 80-column log.
 GROUP_HEADERS = {
@@ -113,6 +124,15 @@ GROUP_HEADERS = {
     "mean_policy_margin": "mean policy margin (nats)",
     "flip_rate": "fixed",
     "break_rate": "broken",
+    "n_responses": "responses",
+    "desirable_rate": "desirable",
+    "ref_desirable_auc": "ref AUC",
+    "ref_favoured_desirable_rate": "ref favours desirable",
+    "ref_favoured_undesirable_rate": "ref favours undesirable",
+    "policy_desirable_auc": "policy AUC",
+    "desirable_displaced_rate": "desirable displaced",
+    "undesirable_raised_rate": "undesirable raised",
+    "mean_reward_gap": "reward gap",
 }
 # How a gate rule's result is marked in the terminal and HTML (Markdown uses emoji GitHub renders).
 STATUS_SYMBOLS = {"pass": "✓", "fail": "✗", "warn": "!"}
@@ -225,7 +245,8 @@ def group_rows(summary: dict[str, Any]) -> tuple[str, list[str], list[list[str]]
     values = groups.get("values") or {}
     if not isinstance(values, dict) or not values:
         return "", [], []
-    present = [k for k in KEY_METRICS if any(isinstance(v, dict) and k in v for v in values.values())]
+    keys = RESPONSE_KEY_METRICS if is_unpaired(summary) else KEY_METRICS
+    present = [k for k in keys if any(isinstance(v, dict) and k in v for v in values.values())]
     rows = [[short(g)] + [format_value(k, (m or {}).get(k)) for k in present] for g, m in values.items()]
     return str(groups.get("column", "group")), present, rows
 

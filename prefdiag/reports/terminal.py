@@ -41,7 +41,8 @@ RESPONSE_NUMBERS = [("ref_logp_per_token", "ref/tok"), ("policy_logp_per_token",
 RESPONSE_UNITS = "ref/tok, policy/tok: log-prob per token (nats); reward: beta x (policy - ref log-prob)"
 # Per-group columns that fit an 80-column log beside the group name.
 GROUP_COLUMNS = ["n_pairs", "reward_accuracy", "ranking_accuracy", "ref_ranking_accuracy",
-                 "negative_margin_regime_rate", "mean_dpo_loss"]  # fmt: skip
+                 "negative_margin_regime_rate", "mean_dpo_loss",
+                 "n_responses", "ref_desirable_auc", "policy_desirable_auc", "desirable_displaced_rate"]  # fmt: skip
 
 
 def print_report(console: Console, table: pd.DataFrame | None, summary: dict[str, Any], n_worst: int = 10) -> None:
