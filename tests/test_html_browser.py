@@ -80,20 +80,25 @@ def measure(browser: str, page: Path, profile: Path, width: int) -> dict:
     return json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
 
 
+def compare_report(out: Path, *args: str) -> Path:
+    """report.html of `prefdiag compare` on the shipped sample, with further CLI arguments."""
+    result = CliRunner().invoke(
+        app,
+        ["compare", str(SAMPLE / "pairs.jsonl"), "-r", str(SAMPLE / "models" / "reference"), "-p",
+         str(SAMPLE / "models" / "policy"), "--device", "cpu", "-q", "-o", str(out), *args],
+        catch_exceptions=False,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return out / "report.html"
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> Path:
     """The shipped sample (304 pairs in five categories, one 344-token outlier), grouped by category."""
     out = tmp_path_factory.mktemp("browser") / "out"
-    result = CliRunner().invoke(
-        app,
-        ["compare", str(SAMPLE / "pairs.jsonl"), "-r", str(SAMPLE / "models" / "reference"), "-p",
-         str(SAMPLE / "models" / "policy"), "--max-length", "256", "--device", "cpu", "-q", "-o", str(out),
-         "--min", "ranking_accuracy=0.5", "--group-by", "category"],
-        catch_exceptions=False,
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
+    page = compare_report(out, "--max-length", "256", "--min", "ranking_accuracy=0.5", "--group-by", "category")
     assert json.loads((out / "summary.json").read_text())["negative_margin_regime_rate"] > 0
-    return out / "report.html"
+    return page
 
 
 needs_browser = pytest.mark.skipif(find_browser() is None,
@@ -139,16 +144,8 @@ def test_nothing_overflows_the_viewport_at_desktop_and_phone_widths(report, tmp_
 @pytest.fixture(scope="module")
 def kto_report(tmp_path_factory) -> Path:
     """The sample's pairs read as KTO rows (unpaired as TRL's KTOTrainer does), reference against policy."""
-    out = tmp_path_factory.mktemp("browser-kto") / "out"
-    result = CliRunner().invoke(
-        app,
-        ["compare", str(SAMPLE / "pairs.jsonl"), "-r", str(SAMPLE / "models" / "reference"), "-p",
-         str(SAMPLE / "models" / "policy"), "--data-format", "kto", "--device", "cpu", "-q", "-o", str(out),
-         "--group-by", "category"],
-        catch_exceptions=False,
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    return out / "report.html"
+    return compare_report(tmp_path_factory.mktemp("browser-kto") / "out", "--data-format", "kto", "--group-by",
+                          "category")
 
 
 @needs_browser
