@@ -65,7 +65,7 @@ def test_the_library_never_imports_the_cli():
 
 
 @pytest.mark.parametrize("part", ["data", "checks", "flags", "diagnostics", "findings", "formatting", "gate",
-                                  "gate_rules", "baseline", "reports", "clean"])  # fmt: skip
+                                  "gate_rules", "baseline", "reports", "clean", "unpaired"])  # fmt: skip
 def test_model_free_modules_import_no_model_code_even_lazily(part):
     lazy_ok = part == "clean"  # clean scores through prefdiag.api, imported in the function, when given a reference
     for path in _files(part):
