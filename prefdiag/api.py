@@ -36,7 +36,8 @@ __all__ = ["AdapterDisabled", "RunOptions", "RunResult", "audit", "compare"]
 
 log = logging.getLogger(__name__)
 
-# progress(kind, total) returns an advance(n) callback; the CLI plugs a rich progress bar in here.
+# progress(kind, total) returns an advance(n) callback; the CLI plugs a rich progress bar in here. A factory that
+# also takes a third argument is told what it counts ("responses" for unpaired KTO rows; "pairs" otherwise).
 ProgressFactory = Callable[[str, int], Callable[[float], None]]
 Model = Any  # a directory or hub id (str), a PreTrainedModel / PeftModel object, or an AdapterDisabled wrapper
 
@@ -106,7 +107,8 @@ def _run(
     if reference is not None:
         # Unpaired rows are ties (chosen = rejected = the completion), scored once; CHES needs two responses.
         score_options = dataclasses.replace(options, ches=False) if unpaired else options
-        scores, model_provenance = _score(pairs, reference, policy, score_options, progress, tokenizer)
+        bars = _counting(progress, "responses") if unpaired else progress
+        scores, model_provenance = _score(pairs, reference, policy, score_options, bars, tokenizer)
         notes = _tokenization_notes(model_provenance["tokenization"], "row" if unpaired else "pair")
         provenance.update(model_provenance)
     with phase("diagnostics"):
@@ -137,6 +139,17 @@ def _run(
         },
     }
     return RunResult(with_python_objects(table if unpaired else order_columns(table)), summary)
+
+
+def _counting(progress: ProgressFactory | None, unit: str) -> ProgressFactory | None:
+    """The progress factory, told the unit it counts in when it takes one (see ProgressFactory)."""
+    import inspect
+
+    try:
+        takes_unit = progress is not None and len(inspect.signature(progress).parameters) >= 3
+    except (TypeError, ValueError):
+        takes_unit = False
+    return (lambda kind, total: progress(kind, total, unit)) if takes_unit else progress
 
 
 def _pair_table(pairs: PairData, features, scores: pd.DataFrame | None, options: RunOptions) -> pd.DataFrame:

@@ -310,3 +310,20 @@ def test_every_finding_quotes_only_numbers_of_the_summary(pairs, model_dirs, tmp
             assert set(quoted) <= allowed, (f["id"], quoted, allowed)
     assert {"ref_favours_undesirable", "desirable_displaced", "policy_unchanged", "kto_weights", "duplicate",
             "conflicting_label", "empty_response"} <= seen  # fmt: skip
+
+
+def test_progress_bars_count_responses_and_two_argument_factories_still_work(pairs, model_dirs, tmp_path):
+    path = write(kto_rows(pairs)[:4], tmp_path / "kto", "jsonl")
+    units, kinds = [], []
+
+    def bars(kind, total, unit="pairs"):
+        units.append(unit)
+        return lambda n: None
+
+    def plain(kind, total):  # a library user's factory from before units existed
+        kinds.append(kind)
+        return lambda n: None
+
+    api.audit(str(path), str(model_dirs["gpt2"]), options(), bars)
+    api.audit(str(path), str(model_dirs["gpt2"]), options(), plain)
+    assert units and set(units) == {"responses"} and kinds == ["tokenizing", "scoring reference"]

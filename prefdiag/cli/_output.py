@@ -51,7 +51,7 @@ class ProgressBars:
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("pairs"),
+            TextColumn("{task.fields[unit]}"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             console=stderr,
@@ -76,10 +76,10 @@ class ProgressBars:
         finally:
             console.quiet = quiet
 
-    def __call__(self, description: str, total: int) -> Callable[[float], None]:
+    def __call__(self, description: str, total: int, unit: str = "pairs") -> Callable[[float], None]:
         if not self.progress.live.is_started:  # started by the first bar: a run that fails before prints nothing
             self.progress.start()
-        task = self.progress.add_task(description, total=total)
+        task = self.progress.add_task(description, total=total, unit=unit)
         return lambda n: self.progress.advance(task, n)
 
 
