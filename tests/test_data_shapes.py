@@ -128,5 +128,47 @@ def test_shp_pairs_give_the_numbers_of_the_same_pairs(model_dirs, tmp_path):
     pd.testing.assert_frame_equal(shaped.pairs[columns], plain.pairs[columns])
 
 
+def arena() -> list[dict]:
+    """Chatbot Arena rows: two conversations and a verdict; ties are dropped and counted."""
+    def chat(question: str, answer: str) -> list[dict]:
+        return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+    return [
+        {"question_id": "q1", "model_a": "m1", "model_b": "m2", "winner": "model_b", "language": "English",
+         "conversation_a": chat("Why is the sea salty?", "Because fish cry."),
+         "conversation_b": chat("Why is the sea salty?", "Minerals from rocks.")},
+        {"question_id": "q2", "model_a": "m2", "model_b": "m3", "winner": "tie (bothbad)", "language": "English",
+         "conversation_a": chat("Hi", "Hello"), "conversation_b": chat("Hi", "Hey")},
+        {"question_id": "q3", "model_a": "m3", "model_b": "m1", "winner": "model_a", "language": "English",
+         "conversation_a": chat("Best way to learn?", "Practise daily."),
+         "conversation_b": chat("Best way to learn?", "Never practise.")},
+    ]  # fmt: skip
+
+
+def test_arena_conversations_become_pairs_with_the_numbers_of_the_same_pairs(model_dirs, tmp_path):
+    plain = [{"id": r["question_id"], "prompt": [{"role": "user", "content": p["prompt"]}],
+              "chosen": [{"role": "assistant", "content": p["chosen"].strip()}],
+              "rejected": [{"role": "assistant", "content": p["rejected"].strip()}]}
+             for r, p in zip([arena()[0], arena()[2]], SHP_PAIRS)]  # fmt: skip
+    for fmt in ("jsonl", "parquet", "csv"):
+        data = load_pairs(str(write(arena(), tmp_path / f"arena-{fmt}", fmt)))
+        assert data.provenance()["shape"] == "arena" and data.provenance()["n_ties_dropped"] == 1, fmt
+        assert data.table["prompt"].tolist() == [p["prompt"] for p in plain], fmt  # the shared start: the question
+        assert data.table["model_a"].tolist() == ["m1", "m3"], fmt  # every other column passes through
+    options = api.RunOptions(device="cpu", cache=False)
+    columns = ["ref_chosen_logp", "ref_rejected_logp", "chosen_tokens", "rejected_tokens"]
+    shaped = api.audit(str(write(arena(), tmp_path / "arena", "jsonl")), str(model_dirs["qwen"]), options)
+    same = api.audit(str(write(plain, tmp_path / "plain", "jsonl")), str(model_dirs["qwen"]), options)
+    pd.testing.assert_frame_equal(shaped.pairs[columns], same.pairs[columns])
+    assert shaped.pairs["pair_id"].tolist() == ["0", "2"]  # the input rows: ids join back to the file
+
+
+def test_an_arena_verdict_that_is_not_one_of_its_values_is_named(tmp_path):
+    rows = arena()
+    rows[2]["winner"] = "model_c"
+    result = runner.invoke(app, ["audit", str(write(rows, tmp_path / "arena", "jsonl"))])
+    assert result.exit_code == 2 and "row 3, column 'winner'" in result.stderr and "model_c" in result.stderr
+
+
 def test_the_shapes_are_data_formats():
-    assert {"rated", "rated-best-worst", "shp", "kto"} <= set(DATA_FORMATS)
+    assert {"rated", "rated-best-worst", "shp", "arena", "kto"} <= set(DATA_FORMATS)

@@ -92,9 +92,9 @@ DataFormatOpt = Annotated[
         "extract_prompt does). conversational: lists of {role, content} messages (also JSON-encoded, as in CSV). "
         "hh: Anthropic HH transcripts, split after the last shared '\\n\\nAssistant:'. rated: a prompt with rated "
         "completions (UltraFeedback), the best chosen and a random lower-rated one rejected (--binarize-seed); "
-        "rated-best-worst: the worst rejected. shp: two responses with a label or scores (SHP). kto: unpaired rows "
-        "(prompt, completion, label), scored per response; paired data read as kto is unpaired as TRL's KTOTrainer "
-        "does.",
+        "rated-best-worst: the worst rejected. shp: two responses with a label or scores (SHP). arena: two "
+        "conversations and a winner (Chatbot Arena; ties dropped). kto: unpaired rows (prompt, completion, label), "
+        "scored per response; paired data read as kto is unpaired as TRL's KTOTrainer does.",
     ),
 ]
 _BINARIZE_SEED_HELP = "rated data: the seed that picks the rejected completion among those rated below the best"

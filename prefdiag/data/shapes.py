@@ -8,6 +8,9 @@
   rows whose completions all tie (or with fewer than two rated completions) are dropped and counted.
 - ``shp``: two responses with a preference label or scores (SHP: ``history``, ``human_ref_A``, ``human_ref_B``,
   ``labels`` = 1 when A is preferred; without ``labels``, the higher of ``score_A`` / ``score_B``, ties dropped).
+- ``arena``: two conversations and a verdict, as Chatbot Arena releases them (``conversation_a``,
+  ``conversation_b``, ``winner`` = ``model_a`` / ``model_b``; ties, ``tie`` and ``tie (bothbad)``, dropped and
+  counted): the winner's conversation is chosen, and the prompt is their shared start (TRL's extract_prompt).
 - ``kto``: unpaired rows (``prompt``, ``completion``, ``label`` true = desirable, false = undesirable), as TRL's
   KTOTrainer reads them. Each row becomes a record whose chosen and rejected are both its completion, so the rest
   of loading (ids, conversations, validation) is shared; prefdiag.unpaired turns the scores into per-response
@@ -35,6 +38,7 @@ from prefdiag.errors import DataError
 
 RATED_PROMPTS = ("instruction", "prompt")
 SHP_COLUMNS = ("human_ref_A", "human_ref_B")
+ARENA_COLUMNS = ("conversation_a", "conversation_b", "winner")
 
 
 def detect_shape(names: list[str]) -> str | None:
@@ -45,6 +49,8 @@ def detect_shape(names: list[str]) -> str | None:
         return "rated"
     if all(c in names for c in SHP_COLUMNS):
         return "shp"
+    if all(c in names for c in ARENA_COLUMNS):
+        return "arena"
     if "completion" in names and "label" in names:
         return "kto"
     return None
@@ -58,6 +64,8 @@ def to_pairs(
     rows = list(json_rows(json_path)) if json_path is not None else _rows(frame)
     if shape == "kto":
         records, details = _kto(rows, source)
+    elif shape == "arena":
+        records, details = _arena(rows, source)
     else:
         records, details = _rated(rows, source, shape, seed) if shape.startswith("rated") else _shp(rows, source)
     if not records:
@@ -132,6 +140,40 @@ def _response(completion: dict, source: str, row: int) -> Any:
         if key in completion:
             return completion[key]
     raise DataError(f"{source}: row {row + 1}, column 'completions': a completion without a 'response'")
+
+
+ARENA_WINNERS = {"model_a": "a", "model_b": "b", "tie": None, "tie (bothbad)": None}
+
+
+def _arena(rows: list[dict], source: str) -> tuple[list[dict], dict[str, Any]]:
+    records, ties = [], 0
+    for number, row in enumerate(rows):
+        winner = row.get("winner")
+        if winner not in ARENA_WINNERS:
+            raise DataError(f"{source}: row {number + 1}, column 'winner': expected one of "
+                            f"{', '.join(ARENA_WINNERS)}, got {winner!r}")  # fmt: skip
+        side = ARENA_WINNERS[winner]
+        if side is None:
+            ties += 1
+            continue
+        a, b = _conversation(row, "conversation_a", source, number), _conversation(row, "conversation_b", source,
+                                                                                   number)  # fmt: skip
+        extra = {k: v for k, v in row.items() if k not in ("conversation_a", "conversation_b", "id")}
+        records.append({**_with_id(row, number), "chosen": a if side == "a" else b,
+                        "rejected": b if side == "a" else a, **extra})  # fmt: skip
+    return records, {"n_ties_dropped": ties}
+
+
+def _conversation(row: dict, column: str, source: str, number: int) -> list:
+    value = row.get(column)
+    if isinstance(value, str):  # a CSV cell: JSON text
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{source}: row {number + 1}, column {column!r}: expected a list of messages")
+    return value
 
 
 KTO_LABELS = {True: True, False: False, 1: True, 0: False, "true": True, "false": False, "1": True, "0": False}
