@@ -19,6 +19,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,12 @@ MANIFEST_VERSION = 1
 # joined by pair_id (response_id) are this row's. Saved column -> column of the loaded data.table.
 PAIR_TEXT = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}
 RESPONSE_TEXT = {"prompt": "prompt", "completion": "chosen", "label": "label"}  # KTO rows: chosen is the completion
+# RunOptions fields that only change scoring here, and the flag that sets each: with --from they have no effect.
+SCORING_FLAGS = {"beta": "--beta", "max_length": "--max-length", "dtype": "--dtype", "device": "--device",
+                 "tokenizer": "--tokenizer", "reference_revision": "--reference-revision",
+                 "trust_remote_code": "--trust-remote-code", "chat_template": "--chat-template",
+                 "compat": "--compat", "max_prompt_length": "--max-prompt-length", "cache": "--no-cache",
+                 "cache_dir": "--cache-dir"}  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +97,8 @@ def clean(
     ``columns`` and ``data_format`` do, and rated data is binarised with ``from_run``'s recorded seed (else the
     default). With ``from_run``, data read into other pairs than the run's (another shape, rated data binarised
     with another seed, or text other than the run's table holds: another file, the file edited, other column or
-    format options) is refused: the flags joined by pair_id would be another pair's."""
+    format options) is refused: the flags joined by pair_id would be another pair's. Scoring options given with it
+    have no effect and are named in one warning."""
     source_path, output_path = Path(source), Path(output)
     input_kind(source_path)  # a local file or save_to_disk directory, else one clear line now
     if output_path.resolve() == source_path.resolve():
@@ -99,6 +107,8 @@ def clean(
     read: dict[str, Any] = {"split": split, "columns": columns, "data_format": data_format}
     if options is not None:
         options.validate()
+        if from_run is not None:
+            _warn_ignored(options, policy, from_run)
         read = {"split": options.split, "columns": options.columns, "data_format": options.data_format,
                 "binarize_seed": options.binarize_seed}  # fmt: skip
     elif "binarize_seed" in recorded:
@@ -125,6 +135,17 @@ def clean(
                          "response" if unpaired else "pair")  # fmt: skip
     _write_manifest(result, source, requested, origin, ids, rows)
     return result
+
+
+def _warn_ignored(options: Any, policy: str | None, from_run: str) -> None:
+    """One warning naming the scoring options given (set off their RunOptions defaults) that --from makes moot."""
+    defaults = {f.name: f.default for f in dataclass_fields(options) if f.name in SCORING_FLAGS}
+    ignored = [flag for name, flag in SCORING_FLAGS.items() if getattr(options, name) != defaults[name]]
+    if policy is not None:
+        ignored.append("--policy")
+    if ignored:
+        log.warning("--from %s: ignoring %s: the flags come from the saved run, nothing is scored here", from_run,
+                    ", ".join(ignored))  # fmt: skip
 
 
 def _n_input_rows(data: PairData) -> int:

@@ -190,6 +190,23 @@ def test_a_saved_table_without_the_text_is_joined_unchecked_with_a_warning(tmp_p
     assert "pairs.parquet has no prompt, chosen, rejected columns: cannot check" in " ".join(result.stderr.split())
 
 
+def test_scoring_options_with_from_are_named_as_ignored(tmp_path):
+    path = write(make_pairs(6), tmp_path / "a", "jsonl")
+    run = saved_run(path, tmp_path)
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ messages }}")
+    args = ["clean", str(path), "--from", str(run)]
+    result = runner.invoke(app, [*args, "-o", str(tmp_path / "plain.jsonl")])
+    assert result.exit_code == 0 and "ignoring" not in result.stderr, result.output
+    result = runner.invoke(app, [*args, "-o", str(tmp_path / "out.jsonl"), "--compat", "trl0", "--max-prompt-length",
+                                 "8", "--max-length", "64", "--tokenizer", "some/tokenizer", "--chat-template",
+                                 str(template)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert ("ignoring --max-length, --tokenizer, --chat-template, --compat, --max-prompt-length: the flags come from "
+            "the saved run") in " ".join(result.stderr.split())  # fmt: skip
+    assert result.stderr.count("WARNING") == 1
+
+
 def test_rated_completions_are_cleaned_as_their_input_rows(tmp_path):
     rows = [{"instruction": f"Q{i}?", "completions": [{"response": " same", "overall_score": 9.0},
                                                        {"response": " same" if i == 1 else f" other {i}",
