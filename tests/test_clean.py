@@ -9,7 +9,7 @@ import json
 import pandas as pd
 import pytest
 import typer
-from conftest import make_pairs
+from conftest import make_conversations, make_pairs
 from test_data_formats import STANDARD_FORMATS, write
 from typer.testing import CliRunner
 
@@ -101,6 +101,110 @@ def test_rules_from_a_saved_run_join_by_pair_id(model_dirs, tmp_path):
     assert not default.skipped_rules  # the run had a tokenizer: boundary_mismatch was a rule
     assert set(default.removed) == {"q003", "q005", "q006", "q008", "q009", "q010"} | set(
         pairs.loc[pairs["boundary_mismatch"].to_numpy(bool), "pair_id"])
+
+
+# -- a saved run's flags are this data's: the text it holds must be the data read now ---------------------------------
+
+
+def saved_run(path, tmp_path, *args):
+    """A model-free audit of path, saved to tmp_path/run (its pairs table holds the text it read)."""
+    run = tmp_path / "run"
+    result = runner.invoke(main_app, ["audit", str(path), "-o", str(run), "-q", *args])
+    assert result.exit_code == 0, result.output
+    return run
+
+
+def refused(result, out, message: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not out.exists() and not manifest_path(out).exists()
+
+
+def test_a_run_on_another_file_with_the_same_ids_is_refused(tmp_path):
+    records = make_pairs(12)
+    run = saved_run(write(records, tmp_path / "a", "jsonl"), tmp_path)
+    records[4]["chosen"] += " edited"  # the same ids and row count, one response changed
+    edited = write(records, tmp_path / "b", "jsonl")
+    out = tmp_path / "out.jsonl"
+    result = runner.invoke(app, ["clean", str(edited), "-o", str(out), "--from", str(run)])
+    refused(result, out, f"--from {run}: 1 of 12 pairs in pairs.parquet differ from the data in this run (first: "
+                         "pair 'q004', column 'chosen'); was it run on this file with the same options?")  # fmt: skip
+
+
+HH = [{"chosen": f"\n\nHuman: q{i}?\n\nAssistant: The cat {i}.", "rejected": f"\n\nHuman: q{i}?\n\nAssistant: The "
+       f"dog {i}."} for i in range(4)]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("records", "run_args", "clean_args", "message"),
+    [
+        ([{**r, "instruction": f"Say {i}."} for i, r in enumerate(make_pairs(6))], [], ["--prompt-column",
+         "instruction"], "6 of 6 pairs in pairs.parquet differ from the data in this run (first: pair 'q000', "
+         "column 'prompt')"),
+        (HH, ["--data-format", "hh"], ["--data-format", "standard"], "4 of 4 pairs in pairs.parquet differ from the "
+         "data in this run (first: pair '0', column 'prompt')"),  # TRL's shared prefix takes "The" into the prompt
+    ],
+    ids=["prompt-column", "hh-read-as-standard"],
+)  # fmt: skip
+def test_the_same_file_read_with_other_options_is_refused(tmp_path, records, run_args, clean_args, message):
+    path = write(records, tmp_path / "data", "jsonl")
+    run = saved_run(path, tmp_path, *run_args)
+    out = tmp_path / "out.jsonl"
+    refused(runner.invoke(app, ["clean", str(path), "-o", str(out), "--from", str(run), *clean_args]), out, message)
+    result = runner.invoke(app, ["clean", str(path), "-o", str(out), "--from", str(run), *run_args])
+    assert result.exit_code == 0, result.output  # read as the run read it: the same pairs
+
+
+@pytest.mark.parametrize("table_format", ["parquet", "jsonl", "csv"])
+def test_conversations_with_tool_calls_match_their_saved_run_in_every_table_format(tmp_path, table_format):
+    records = make_conversations(8)
+    records[2]["chosen"][0]["tool_calls"] = [{"name": "add", "arguments": {"a": 1, "b": 2}}]  # keys others lack
+    records[3]["rejected"] = [dict(records[3]["chosen"][0])]  # identical: flagged
+    path = write(records, tmp_path / "chat", "jsonl")
+    run = saved_run(path, tmp_path, "--table-format", table_format)
+    out = tmp_path / "out.jsonl"
+    result = runner.invoke(app, ["clean", str(path), "-o", str(out), "--from", str(run), "--rule", "identical"])
+    assert result.exit_code == 0, result.output
+    assert [r["pair_id"] for r in json.loads(manifest_path(out).read_text())["removed"]] == ["c003"]
+    out.unlink()
+    manifest_path(out).unlink()
+    records[2]["chosen"][0]["tool_calls"][0]["arguments"]["b"] = 3  # deep inside a message
+    edited = write(records, tmp_path / "edited", "jsonl")
+    result = runner.invoke(app, ["clean", str(edited), "-o", str(out), "--from", str(run)])
+    refused(result, out, f"1 of 8 pairs in pairs.{table_format} differ from the data in this run (first: pair "
+                         "'c002', column 'chosen')")  # fmt: skip
+
+
+def test_a_saved_table_without_the_text_is_joined_unchecked_with_a_warning(tmp_path):
+    records = make_pairs(6)
+    run = saved_run(write(records, tmp_path / "a", "jsonl"), tmp_path)
+    table = pd.read_parquet(run / "pairs.parquet")
+    table.drop(columns=["prompt", "chosen", "rejected"]).to_parquet(run / "pairs.parquet", index=False)
+    records[1]["chosen"] = records[1]["rejected"]  # edited: identical now, but the run's flags say not
+    out = tmp_path / "out.jsonl"
+    result = runner.invoke(app, ["clean", str(write(records, tmp_path / "b", "jsonl")), "-o", str(out), "--from",
+                                 str(run)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "removed 0 of 6 pairs" in result.stdout  # the saved flags, as before
+    assert "pairs.parquet has no prompt, chosen, rejected columns: cannot check" in " ".join(result.stderr.split())
+
+
+def test_scoring_options_with_from_are_named_as_ignored(tmp_path):
+    path = write(make_pairs(6), tmp_path / "a", "jsonl")
+    run = saved_run(path, tmp_path)
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ messages }}")
+    args = ["clean", str(path), "--from", str(run)]
+    result = runner.invoke(app, [*args, "-o", str(tmp_path / "plain.jsonl")])
+    assert result.exit_code == 0 and "ignoring" not in result.stderr, result.output
+    result = runner.invoke(app, [*args, "-o", str(tmp_path / "out.jsonl"), "--compat", "trl0", "--max-prompt-length",
+                                 "8", "--max-length", "64", "--tokenizer", "some/tokenizer", "--chat-template",
+                                 str(template)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert ("ignoring --max-length, --tokenizer, --chat-template, --compat, --max-prompt-length: the flags come from "
+            "the saved run") in " ".join(result.stderr.split())  # fmt: skip
+    assert result.stderr.count("WARNING") == 1
 
 
 def test_rated_completions_are_cleaned_as_their_input_rows(tmp_path):

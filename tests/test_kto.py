@@ -277,6 +277,23 @@ def test_clean_takes_a_policy_flag_from_a_saved_kto_run(pairs, model_dirs, tmp_p
     assert kept == [r["id"] for r in kto_rows(pairs) if r["id"] not in displaced]
 
 
+def test_clean_refuses_a_saved_kto_run_whose_labels_are_not_the_data_s(pairs, tmp_path):
+    rows = kto_rows(pairs[:4])
+    out = tmp_path / "run"
+    run = runner.invoke(app, ["audit", str(write(rows, tmp_path / "kto", "jsonl")), "-o", str(out), "-q"])
+    assert run.exit_code == 0, run.output
+    rows[5]["label"] = not rows[5]["label"]  # the same ids and text, one label flipped
+    output = tmp_path / "clean.jsonl"
+    result = runner.invoke(app, ["clean", str(write(rows, tmp_path / "flipped", "jsonl")), "-o", str(output),
+                                 "--from", str(out)])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    message = (f"--from {out}: 1 of 8 responses in responses.parquet differ from the data in this run (first: "
+               "response '2/rejected', column 'label')")  # fmt: skip
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not output.exists()
+
+
 def test_clean_refuses_paired_data_read_as_kto(pairs, tmp_path):
     source = write(pairs, tmp_path / "pairs", "jsonl")
     result = runner.invoke(app, ["clean", str(source), "-o", str(tmp_path / "c.jsonl"), "--data-format", "kto"])

@@ -25,7 +25,7 @@ Rule = Annotated[
 FromRun = Annotated[
     Optional[str],
     typer.Option("--from", help="A saved run's --output directory: take the flags from its pairs.parquet (joined by "
-                 "pair_id) instead of computing them."),
+                 "pair_id) instead of computing them; refused when the text it saved is not this data's."),
 ]  # fmt: skip
 
 
