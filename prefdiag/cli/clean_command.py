@@ -68,7 +68,7 @@ def clean(
     Example: prefdiag clean pairs.jsonl --output clean.jsonl --rule likely_mislabeled --from out/
     """
     from prefdiag.clean import clean as clean_data
-    from prefdiag.clean import recorded_binarize_seed
+    from prefdiag.saved_flags import recorded_binarize_seed
     from prefdiag.cli._output import ProgressBars, setup_logging
 
     setup_logging(quiet)
