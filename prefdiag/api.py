@@ -97,18 +97,19 @@ def _run(
             data, split=options.split, columns=options.columns, data_format=options.data_format,
             binarize_seed=options.binarize_seed,
         )  # fmt: skip
-    group_column = groups.group_column(pairs.table, options)
-    groups.check_group_column(pairs.table, group_column)
+    unpaired = pairs.details.get("shape") == SHAPE
+    view = groups.response_view(pairs.table) if unpaired else pairs.table  # the names the user's table will have
+    group_column = groups.group_column(view, options, "response_id" if unpaired else "pair_id")
+    groups.check_group_column(view, group_column)
     with phase("model_free_checks"):
         features = checks.text_features(pairs.table)  # model-free checks: before any model is loaded
-    unpaired = pairs.details.get("shape") == SHAPE
     provenance: dict[str, Any] = {"dataset": pairs.provenance()}
     scores, notes = None, {}
+    if unpaired:  # rows are ties (chosen = rejected = the completion), scored once; CHES needs two responses
+        options = dataclasses.replace(options, ches=False)
     if reference is not None:
-        # Unpaired rows are ties (chosen = rejected = the completion), scored once; CHES needs two responses.
-        score_options = dataclasses.replace(options, ches=False) if unpaired else options
         bars = _counting(progress, "responses") if unpaired else progress
-        scores, model_provenance = _score(pairs, reference, policy, score_options, bars, tokenizer)
+        scores, model_provenance = _score(pairs, reference, policy, options, bars, tokenizer)
         notes = _tokenization_notes(model_provenance["tokenization"], "row" if unpaired else "pair")
         provenance.update(model_provenance)
     with phase("diagnostics"):
@@ -122,7 +123,8 @@ def _run(
         summary.update(notes)
         summary["verdict"] = verdict(summary)
         if options.group_by is not None and unpaired:
-            column = {"pair_id": "response_id", "chosen": "completion"}.get(group_column, group_column)
+            renamed = f"data_{group_column}"  # a data column named like one of prefdiag's was renamed
+            column = renamed if renamed in table.columns else group_column
             summary["groups"] = summarize_groups(table, column, options.beta, unpaired_rows.summarize, ("prompt",))
         elif options.group_by is not None:
             summary["groups"] = summarize_groups(table, group_column, options.beta)

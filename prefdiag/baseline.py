@@ -103,12 +103,15 @@ def compare_with_baseline(
 ) -> tuple[dict[str, Any], pd.DataFrame | None]:
     """The ``summary["baseline"]`` record and the pairs table with ``baseline_margin`` and ``ranking_change``
     ("regressed", "fixed", "unchanged", or "unmatched" for a pair the baseline lacks or either run left
-    unscored) added. Runs on unpaired (KTO) rows have no pairs to compare: refused."""
-    if "kto" in (summary.get("data_shape"), baseline.summary.get("data_shape")):
+    unscored) added. Runs on unpaired (KTO) rows get the metric deltas only; a KTO run against a pairs run is
+    refused."""
+    shapes = (summary.get("data_shape"), baseline.summary.get("data_shape"))
+    if shapes[0] != shapes[1]:
         from prefdiag.errors import UsageError
 
-        raise UsageError(f"--baseline {baseline.source}: baselines compare runs on preference pairs; unpaired (KTO) "
-                         "runs are gated on their own metrics (compare two summaries' numbers with prefdiag gate)")
+        words = {None: "preference pairs", "kto": "unpaired (KTO) rows"}
+        raise UsageError(f"--baseline {baseline.source}: the baseline ran on {words.get(shapes[1], shapes[1])}, this "
+                         f"run on {words.get(shapes[0], shapes[0])}: their metrics are not comparable")
     record: dict[str, Any] = {
         "source": str(baseline.source),
         "command": baseline.summary.get("command"),
@@ -116,7 +119,7 @@ def compare_with_baseline(
         "same_dataset": _same_dataset(summary, baseline.summary),
         "metrics": _metric_deltas(summary, baseline.summary),
     }
-    if pairs is None or baseline.pairs is None:
+    if pairs is None or baseline.pairs is None or shapes[0] == "kto":  # responses: no ranking to compare
         record["ranking_column"] = None
         return record, pairs
     column = ranking_column(pairs, baseline.pairs)

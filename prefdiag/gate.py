@@ -27,6 +27,7 @@ from prefdiag.gate_rules import (  # noqa: F401 - re-exported: `from prefdiag im
     DELTA_SUFFIXES,
     EXAMPLE,
     GROUP_WILDCARD,
+    RESPONSE_EXAMPLE,
     NOT_METRICS,
     OPS,
     SEVERITIES,
@@ -129,7 +130,32 @@ def metric_catalogue(mode: str) -> frozenset[str]:
             policy_rejected_logp=[-7.0, -4, -9, -3, -3, -10],
         )
     table = diagnostics.add_pair_metrics(pd.DataFrame(columns), 0.1)
-    return frozenset(metric_values(diagnostics.summarize(table, 0.1)))
+    return frozenset(metric_values(diagnostics.summarize(table, 0.1))) | _response_catalogue(mode)
+
+
+def _response_catalogue(mode: str) -> frozenset[str]:
+    """The metric names of the same mode on unpaired (KTO) rows (prefdiag.unpaired), from a synthetic table."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pandas as pd
+
+    from prefdiag import unpaired
+
+    n = 6
+    rows = pd.DataFrame({"pair_id": [f"r{i}" for i in range(n)], "prompt": ["q", "q", "r", "r", "s", "s"],
+                         "chosen": ["a"] * n, "rejected": ["a"] * n, "label": [True, False] * 3})  # fmt: skip
+    keys = np.arange(n, dtype=np.uint64)
+    features = SimpleNamespace(prompt_key=keys // 2, chosen_key=keys, prompt_chars=np.ones(n), chosen_chars=np.ones(n))
+    scores = None
+    if mode != "data":
+        scores = pd.DataFrame({"prompt_tokens": [3] * n, "chosen_tokens": [2, 3, 4, 5, 6, 7],
+                               "ref_chosen_logp": [-5.0, -6, -7, -3, -9, -2], "truncated": [False] * n,
+                               "dropped": [False] * n, "boundary_mismatch": [False] * n})  # fmt: skip
+        if mode == "policy":
+            scores["policy_chosen_logp"] = [-4.0, -7, -6, -5, -8, -1]
+    table = unpaired.response_table(rows, features, scores, 0.1)
+    return frozenset(metric_values(unpaired.summarize(table, 0.1)))
 
 
 def run_mode(command: str, reference: bool) -> str:

@@ -40,6 +40,7 @@ GROUP_WILDCARD = "*"
 NOT_METRICS = frozenset({"schema_version", "command", "verdict", "provenance", "gate", "baseline", "groups"})
 CLI_SYNTAX = "METRIC=VALUE or METRIC=VALUE:warn"
 EXAMPLE = "--min ranking_accuracy=0.6 --max negative_margin_regime_rate=0.1:warn"
+RESPONSE_EXAMPLE = "--min reward_auc=0.6 --max desirable_displaced_rate=0.5:warn"  # unpaired (KTO) runs
 
 
 @dataclass(frozen=True)

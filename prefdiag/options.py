@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on a GPU that supports it, else float32
 DEVICES = ("auto", "cpu", "cuda", "mps")
 LAYOUTS = ("prefix", "packed", "separate")  # how pairs become model rows (prefdiag.scoring); never the numbers
-SHAPED_FORMATS = ("rated", "rated-best-worst", "shp", "arena", "kto")  # other shapes, made into pairs (prefdiag.data.shapes)
+SHAPED_FORMATS = ("rated", "rated-best-worst", "shp", "arena", "kto")  # other shapes (prefdiag.data.shapes)
 DATA_FORMATS = ("auto", "standard", "conversational", "hh", *SHAPED_FORMATS)  # how the pairs are shaped (prefdiag.data)
 COMPAT = ("trl1", "trl0", "rewardbench")  # tokenization conventions (prefdiag.tokenization.COMPAT_SCHEMES)
 TABLE_FORMATS = ("parquet", "csv", "jsonl")  # the per-pair table written to --output

@@ -3,15 +3,20 @@ torch). A row is one response to a prompt, labelled desirable or undesirable, as
 is no pair, so no margin, no DPO loss and no pair flag.
 
 - ``ref_logp``: the summed log-prob of the completion under the reference (TRL's tokenization, as for DPO).
-- **Favoured by the reference**: the response's per-token log-prob is above the reference point, the median
-  per-token log-prob of all scored responses. ``ref_favoured_desirable_rate`` and ``ref_favoured_undesirable_rate``
-  are the shares of each label so favoured: KTO starts well where the first is high and the second low.
+- **Favoured by the reference**: the response's per-token log-prob is above ``ref_logp_per_token_median``, the
+  median over all scored responses (a description of the reference's prior, not KTO's reference point z0, which is
+  a KL estimate and is 0 before training). ``ref_favoured_desirable_rate`` and ``ref_favoured_undesirable_rate``
+  are the shares of each label so favoured: how much of what KTO must raise the reference already rates above the
+  typical response, and how much of what it must lower.
 - ``ref_desirable_auc``: the chance that a random desirable response has a higher per-token log-prob than a random
   undesirable one (ties count half; 0.5 is no separation). ``ref_prompt_accuracy``: among prompts that have both
   labels, the share where the desirable responses' mean per-token log-prob is the higher.
 - With a policy: ``logratio`` = policy_logp - ref_logp and ``reward`` = beta x logratio (TRL's rewards/chosen and
   rewards/rejected are the means of ``reward`` over desirable and undesirable responses); ``desirable_displaced``
-  (a desirable response became less likely: likelihood displacement) and ``undesirable_raised``.
+  (a desirable response became less likely: likelihood displacement) and ``undesirable_raised``. ``reward_auc`` is
+  the AUC of ``reward``, desirable against undesirable: what the training objective separates, as DPO's reward
+  accuracy; ``policy_desirable_auc`` ranks the policy's own per-token likelihoods, as DPO's ranking accuracy.
+- A response is scored when it was not dropped, its log-probs are finite and it has a completion token.
 - Weights: Ethayarajh et al. (2024, arXiv 2402.01306, section 4) recommend desirable_weight x n_desirable /
   (undesirable_weight x n_undesirable) in [1, 4/3]; the summary gives the desirable_weight range that meets it
   with undesirable_weight 1.
@@ -19,18 +24,20 @@ is no pair, so no margin, no DPO loss and no pair flag.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from prefdiag import flags
-from prefdiag.diagnostics import PairList, _mean, _rate
+from prefdiag.diagnostics import EXAMPLES, PairList, _mean, _rate
 from prefdiag.findings import LEVELS, _finding, _v
 from prefdiag.formatting import plural
 
+log = logging.getLogger(__name__)
+
 SHAPE = "kto"  # summary["data_shape"] of an unpaired run
-EXAMPLES = 20  # response ids kept per finding in the summary
 WEIGHT_RATIO = (1.0, 4.0 / 3.0)  # desirable_weight n_D / (undesirable_weight n_U), KTO paper section 4
 
 # The per-response table's leading columns, in order (those a run has); the data's own columns follow.
@@ -67,7 +74,7 @@ def response_table(pairs: pd.DataFrame, features: Any, scores: pd.DataFrame | No
         logps = out[["ref_logp"] + (["policy_logp"] if policy else [])].to_numpy(float)
         scored = ~scores["dropped"].to_numpy(bool)
         out["non_finite"] = scored & ~np.isfinite(logps).all(axis=1)
-        good = scored & ~out["non_finite"].to_numpy()
+        good = scored & ~out["non_finite"].to_numpy() & (out["completion_tokens"].to_numpy() > 0)
         point = np.median(out.loc[good, "ref_logp_per_token"]) if good.any() else np.nan
         out["ref_favoured"] = good & (out["ref_logp_per_token"].to_numpy() > point)
         if policy:
@@ -78,8 +85,13 @@ def response_table(pairs: pd.DataFrame, features: Any, scores: pd.DataFrame | No
     out = pd.concat([out, pd.DataFrame(_data_checks(features, label))], axis=1)
     out["prompt"] = pairs["prompt"].to_numpy()
     out["completion"] = pairs["chosen"].to_numpy()
-    extras = pairs.drop(columns=["pair_id", "prompt", "chosen", "rejected", "label"])
-    out = pd.concat([out, extras.reset_index(drop=True)], axis=1)
+    extras = pairs.drop(columns=["pair_id", "prompt", "chosen", "rejected", "label"]).reset_index(drop=True)
+    clashing = {name: f"data_{name}" for name in extras.columns if name in out.columns or name in COLUMN_ORDER}
+    if clashing:  # the data's own column named like one of prefdiag's: kept, renamed
+        log.warning("data columns renamed so as not to clash with prefdiag's: %s",
+                    ", ".join(f"{a} -> {b}" for a, b in clashing.items()))  # fmt: skip
+        extras = extras.rename(columns=clashing)
+    out = pd.concat([out, extras], axis=1)
     leading = [c for c in COLUMN_ORDER if c in out.columns]
     return out[leading + [c for c in out.columns if c not in leading]]
 
@@ -110,9 +122,10 @@ def _data_checks(features: Any, label: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _scored(table: pd.DataFrame) -> pd.Series:
+    """Responses with numbers: not dropped, finite log-probs, at least one completion token."""
     if "ref_logp" not in table.columns:
         return pd.Series(False, index=table.index)
-    return ~table["dropped"].astype(bool) & ~table["non_finite"].astype(bool)
+    return ~table["dropped"].astype(bool) & ~table["non_finite"].astype(bool) & (table["completion_tokens"] > 0)
 
 
 def _auc(values: pd.Series, desirable: pd.Series) -> float | None:
@@ -145,8 +158,10 @@ def summarize(table: pd.DataFrame, beta: float) -> dict[str, Any]:
     scored = _scored(table)
     s: dict[str, Any] = {"data_shape": SHAPE, "n_responses": n, "n_desirable": n_d, "n_undesirable": n - n_d,
                          "desirable_rate": n_d / n if n else None, "beta": beta}  # fmt: skip
-    if n_d and n - n_d:
-        ratio = (n - n_d) / n_d
+    kept = desirable[~table["dropped"].astype(bool)] if "dropped" in table.columns else desirable  # what TRL trains on
+    kept_d, kept_u = int(kept.sum()), int((~kept).sum())
+    if kept_d and kept_u:
+        ratio = kept_u / kept_d
         s["desirable_weight_min"], s["desirable_weight_max"] = WEIGHT_RATIO[0] * ratio, WEIGHT_RATIO[1] * ratio
     s["n_prompts"] = int(pd.Series(_prompt_keys(table)).nunique())
     if "ref_logp" in table.columns:
@@ -155,7 +170,8 @@ def summarize(table: pd.DataFrame, beta: float) -> dict[str, Any]:
         s["n_ref_favoured"] = int(table["ref_favoured"].sum())
         good = table[scored]
         good_d = desirable[scored]
-        s["ref_reference_point"] = float(good["ref_logp_per_token"].median()) if len(good) else None
+        if "response_id" in table.columns:  # the whole table's (a group's rows keep the whole table's flags)
+            s["ref_logp_per_token_median"] = float(good["ref_logp_per_token"].median()) if len(good) else None
         s["ref_favoured_desirable_rate"] = _rate(table["ref_favoured"] & desirable, scored & desirable)
         s["ref_favoured_undesirable_rate"] = _rate(table["ref_favoured"] & ~desirable, scored & ~desirable)
         s["ref_desirable_auc"] = _auc(good["ref_logp_per_token"], good_d)
@@ -165,6 +181,7 @@ def summarize(table: pd.DataFrame, beta: float) -> dict[str, Any]:
     if "policy_logp" in table.columns:
         good = table[scored]
         good_d = desirable[scored]
+        s["reward_auc"] = _auc(good["reward"], good_d)
         s["policy_desirable_auc"] = _auc(good["policy_logp_per_token"], good_d)
         s["policy_prompt_accuracy"] = _prompt_accuracy(table, "policy_logp_per_token", scored)[1]
         s["mean_logps_desirable"] = _mean(good.loc[good_d, "policy_logp"])  # TRL: logps/chosen
@@ -191,7 +208,8 @@ def summarize(table: pd.DataFrame, beta: float) -> dict[str, Any]:
             s[f"n_{item.id}"] = item.n
     for flag in flags.RESPONSE_FLAGS:  # every other flag: its first responses in table order
         if flag.name not in examples and flag.name in table.columns and table[flag.name].any():
-            examples[flag.name] = [str(v) for v in table.loc[table[flag.name].astype(bool), "response_id"].head(EXAMPLES)]
+            ids = table.loc[table[flag.name].astype(bool), "response_id"]
+            examples[flag.name] = [str(v) for v in ids.head(EXAMPLES)]
     if examples:
         s["pair_examples"] = examples
     return s
@@ -237,7 +255,7 @@ def response_lists(table: pd.DataFrame, n: int = 10) -> list[PairList]:
 
 def findings(s: dict[str, Any]) -> list[dict[str, Any]]:
     """The verdict's findings on an unpaired run, most severe first (each quotes only the summary's numbers)."""
-    out = []
+    out: list[dict[str, Any]] = []
 
     def add(finding_id: str, level: str, text: str, keys: list[str], n: int = 0) -> None:
         out.append(_finding(s, finding_id, level, text, keys, n))
@@ -245,54 +263,80 @@ def findings(s: dict[str, Any]) -> list[dict[str, Any]]:
     if s.get("n_non_finite"):
         add("non_finite", "fail", f"{plural(s['n_non_finite'], 'scored response')} got a NaN or infinite log-prob: "
             "they are left out of every rate and mean.", ["n_non_finite"], s["n_non_finite"])  # fmt: skip
-    if s.get("mean_reward_gap") is not None:
-        if s.get("policy_unchanged_rate") == 1:
-            add("policy_unchanged", "fail", "The policy scores every response exactly as the reference: it is the "
-                "reference, or was not trained.", ["policy_unchanged_rate"])  # fmt: skip
-        elif s["mean_reward_gap"] <= 0:
-            add("reward_gap", "fail", f"The implicit reward does not separate the labels: desirable responses "
-                f"average {_v(s, 'mean_reward_desirable')}, undesirable ones {_v(s, 'mean_reward_undesirable')}.",
-                ["mean_reward_desirable", "mean_reward_undesirable"])  # fmt: skip
-        displaced = s.get("desirable_displaced_rate") or 0
-        add("desirable_displaced", "warn" if displaced >= 0.5 else "ok", f"The policy made "
-            f"{_v(s, 'desirable_displaced_rate')} of desirable responses less likely (likelihood displacement) and "
-            f"{_v(s, 'undesirable_raised_rate')} of undesirable ones more likely.",
-            ["desirable_displaced_rate", "undesirable_raised_rate"], s.get("n_desirable_displaced", 0))
-        if None not in (s.get("policy_desirable_auc"), s.get("ref_desirable_auc")):
-            worse = s["policy_desirable_auc"] < s["ref_desirable_auc"]
-            add("policy_auc", "warn" if worse else "ok", f"Ranked by per-token log-prob, a desirable response beats an "
-                f"undesirable one with AUC {_v(s, 'policy_desirable_auc')} under the policy and "
-                f"{_v(s, 'ref_desirable_auc')} under the reference.", ["policy_desirable_auc", "ref_desirable_auc"])
-    elif s.get("ref_desirable_auc") is not None or s.get("ref_favoured_desirable_rate") is not None:
-        auc = s.get("ref_desirable_auc")
-        text = (f"The reference already favours {_v(s, 'ref_favoured_desirable_rate')} of desirable and "
-                f"{_v(s, 'ref_favoured_undesirable_rate')} of undesirable responses (per-token log-prob above the "
-                "median).")  # fmt: skip
-        if auc is not None:
-            text += (f" Ranked by it, a desirable response beats an undesirable one with AUC {_v(s, 'ref_desirable_auc')}"
-                     " (one half: no separation).")
-        keys = ["ref_favoured_desirable_rate", "ref_favoured_undesirable_rate"] + (["ref_desirable_auc"] if auc
-                                                                                    is not None else [])
-        add("ref_favours_undesirable", "warn" if auc is not None and auc < 0.5 else "ok", text, keys,
-            s.get("n_ref_favours_undesirable", 0))
-        if s.get("ref_prompt_accuracy") is not None:
-            add("ref_prompt_accuracy", "ok", f"On the {_v(s, 'n_prompts_both_labels')} prompts with both labels, "
-                f"the reference gives the desirable responses the higher per-token log-prob on "
-                f"{_v(s, 'ref_prompt_accuracy')}.", ["n_prompts_both_labels", "ref_prompt_accuracy"])
+    if "policy_unchanged_rate" in s:
+        _policy_findings(s, add)
+    elif "ref_favoured_desirable_rate" in s:
+        _reference_findings(s, add)
     for flag in flags.RESPONSE_FLAGS:
         count = s.get(f"n_{flag.name}") or 0
-        if flag.hard and count:
-            add(flag.name, "warn", f"{plural(count, 'response')} flagged {flag.label}: {flag.description}.",
+        level = "warn" if flag.hard or flag.name in ("dropped", "boundary_mismatch") else "ok"
+        if count and (flag.hard or flag.kind == "token"):
+            add(flag.name, level, f"{plural(count, 'response')} flagged {flag.label}: {flag.description}.",
                 [f"n_{flag.name}"], count)
     if s.get("desirable_weight_min") is not None:
-        ratio = s["n_desirable"] / s["n_undesirable"]
-        level = "ok" if WEIGHT_RATIO[0] <= ratio <= WEIGHT_RATIO[1] else "warn"
-        add("kto_weights", level, f"{_v(s, 'n_desirable')} desirable and {_v(s, 'n_undesirable')} undesirable "
-            f"responses: KTO's recommended balance needs desirable_weight between {_v(s, 'desirable_weight_min')} "
-            f"and {_v(s, 'desirable_weight_max')} (undesirable_weight at its default).",
-            ["n_desirable", "n_undesirable", "desirable_weight_min", "desirable_weight_max"])
+        inside = s["desirable_weight_min"] <= 1.0 <= s["desirable_weight_max"]
+        add("kto_weights", "ok" if inside else "warn", f"{_v(s, 'n_desirable')} desirable and "
+            f"{_v(s, 'n_undesirable')} undesirable responses: KTO's recommended balance of the responses it trains "
+            f"on needs desirable_weight between {_v(s, 'desirable_weight_min')} and "
+            f"{_v(s, 'desirable_weight_max')} (undesirable_weight at its default), which the default desirable_weight "
+            f"is {'inside' if inside else 'outside'}.",
+            ["n_desirable", "n_undesirable", "desirable_weight_min", "desirable_weight_max"])  # fmt: skip
     elif s.get("n_responses"):
         only = "desirable" if s.get("n_desirable") else "undesirable"
         add("one_label", "warn", f"Every one of the {_v(s, 'n_responses')} responses is {only}: KTO learns from "
             "both labels.", ["n_responses"])
     return sorted(out, key=lambda f: LEVELS.index(f["level"]))
+
+
+def _policy_findings(s: dict[str, Any], add) -> None:
+    gap = s.get("mean_reward_gap")
+    if s.get("policy_unchanged_rate") == 1:
+        add("policy_unchanged", "fail", "The policy scores every response exactly as the reference: it is the "
+            "reference, or was not trained.", ["policy_unchanged_rate"])  # fmt: skip
+    elif gap is not None and gap <= 0:
+        add("reward_gap", "fail", f"The implicit reward does not separate the labels: desirable responses average "
+            f"{_v(s, 'mean_reward_desirable')}, undesirable ones {_v(s, 'mean_reward_undesirable')}.",
+            ["mean_reward_desirable", "mean_reward_undesirable"])  # fmt: skip
+    changes = [(key, words) for key, words in (
+        ("desirable_displaced_rate", "of desirable responses less likely (likelihood displacement)"),
+        ("undesirable_raised_rate", "of undesirable ones more likely")) if s.get(key) is not None]  # fmt: skip
+    if changes:
+        level = "warn" if any(s[key] >= 0.5 for key, _ in changes) else "ok"
+        add("desirable_displaced", level, "The policy made " + " and ".join(f"{_v(s, key)} {words}" for key, words
+            in changes) + ".", [key for key, _ in changes], s.get("n_desirable_displaced") or 0)  # fmt: skip
+    reward = s.get("mean_reward_desirable")
+    if reward is not None and reward < 0:
+        add("desirable_reward_negative", "warn", f"Desirable responses average a reward of "
+            f"{_v(s, 'mean_reward_desirable')}: below zero, where KTO's reference point (a KL estimate) never goes, "
+            "so on average they sit on the losing side of KTO's loss.", ["mean_reward_desirable"])  # fmt: skip
+    if s.get("reward_auc") is not None and s.get("policy_desirable_auc") is not None:
+        auc, likelihood, ref = s["reward_auc"], s["policy_desirable_auc"], s.get("ref_desirable_auc")
+        keys = ["reward_auc", "policy_desirable_auc"] + (["ref_desirable_auc"] if ref is not None else [])
+        text = (f"The implicit reward ranks a desirable response above an undesirable one with AUC "
+                f"{_v(s, 'reward_auc')}; by per-token likelihood the policy does with AUC "
+                f"{_v(s, 'policy_desirable_auc')}" + (f", the reference {_v(s, 'ref_desirable_auc')}" if ref is not None
+                                                      else "") + ".")  # fmt: skip
+        if auc > 0.5 > likelihood:
+            text += (" The loss sees the labels apart while the policy still makes undesirable responses the likelier: "
+                     "KTO's counterpart of the negative-margin regime.")
+        level = "warn" if auc <= 0.5 or likelihood < 0.5 or (ref is not None and likelihood < ref) else "ok"
+        add("reward_auc", level, text, keys)
+
+
+def _reference_findings(s: dict[str, Any], add) -> None:
+    auc = s.get("ref_desirable_auc")
+    keys = [key for key in ("ref_favoured_desirable_rate", "ref_favoured_undesirable_rate") if s.get(key) is not None]
+    words = {"ref_favoured_desirable_rate": "of desirable responses",
+             "ref_favoured_undesirable_rate": "of undesirable ones"}
+    text = ("The reference already favours " + " and ".join(f"{_v(s, key)} {words[key]}" for key in keys)
+            + " (per-token log-prob above the median of all responses).")  # fmt: skip
+    if auc is not None:
+        text += (f" Ranked by it, a desirable response beats an undesirable one with AUC {_v(s, 'ref_desirable_auc')}"
+                 " (one half: no separation).")
+        keys.append("ref_desirable_auc")
+    add("ref_favours_undesirable", "warn" if auc is not None and auc < 0.5 else "ok", text, keys,
+        s.get("n_ref_favours_undesirable") or 0)
+    if s.get("ref_prompt_accuracy") is not None:
+        add("ref_prompt_accuracy", "ok", f"On the {_v(s, 'n_prompts_both_labels')} prompts with both labels, the "
+            f"reference gives the desirable responses the higher per-token log-prob on {_v(s, 'ref_prompt_accuracy')}.",
+            ["n_prompts_both_labels", "ref_prompt_accuracy"])

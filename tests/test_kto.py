@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from prefdiag import api
 from prefdiag.cli import app
-from prefdiag.data import load_pairs
+from prefdiag.data import ColumnMap, load_pairs
 from prefdiag.options import RunOptions
 
 runner = CliRunner()
@@ -126,7 +126,7 @@ def test_the_summary_follows_its_definitions(pairs, model_dirs, tmp_path):
     np.testing.assert_allclose(t["ref_logp_per_token"], per_token)
     np.testing.assert_allclose(t["reward"], 0.25 * (t["policy_logp"] - t["ref_logp"]))
     point = np.median(per_token)
-    assert s["ref_reference_point"] == pytest.approx(point)
+    assert s["ref_logp_per_token_median"] == pytest.approx(point)
     assert list(t["ref_favoured"]) == list(per_token > point)
     assert s["ref_favoured_desirable_rate"] == pytest.approx((per_token[label] > point).mean())
     assert s["ref_favoured_undesirable_rate"] == pytest.approx((per_token[~label] > point).mean())
@@ -227,12 +227,23 @@ def test_a_warm_cache_gives_the_same_numbers_without_loading_a_model(pairs, mode
     pd.testing.assert_series_equal(first.pairs["ref_logp"], again.pairs["ref_logp"])
 
 
-def test_a_baseline_is_refused_on_kto_runs(pairs, model_dirs, tmp_path):
-    path = write(kto_rows(pairs)[:6], tmp_path / "kto", "jsonl")
-    out = tmp_path / "out"
-    assert runner.invoke(app, ["audit", str(path), "-r", str(model_dirs["gpt2"]), "-o", str(out), "-q"]).exit_code == 0
-    result = runner.invoke(app, ["audit", str(path), "-r", str(model_dirs["gpt2"]), "--baseline", str(out), "-q"])
-    assert result.exit_code == 2 and "unpaired (KTO)" in result.stderr
+def test_a_kto_baseline_compares_metrics_and_a_pairs_baseline_is_refused(pairs, model_dirs, tmp_path):
+    path = write(kto_rows(pairs), tmp_path / "kto", "jsonl")
+    before, pair_run = tmp_path / "before", tmp_path / "pairs"
+    ref, policy = str(model_dirs["gpt2"]), str(model_dirs["gpt2-policy"])
+    assert runner.invoke(app, ["compare", str(path), "-r", ref, "-p", ref, "-o", str(before), "-q"]).exit_code == 0
+    result = runner.invoke(app, ["compare", str(path), "-r", ref, "-p", policy, "--baseline", str(before), "-o",
+                                 str(tmp_path / "after"), "--max", "reward_auc_drop=1", "-q"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "after" / "summary.json").read_text())
+    delta = summary["baseline"]["metrics"]["reward_auc"]
+    assert delta["baseline"] == 0.5 and delta["current"] == summary["reward_auc"]  # the baseline: policy = reference
+    assert "Unpaired responses: the metrics are compared" in (tmp_path / "after" / "report.md").read_text()
+    pairs_path = write(pairs, tmp_path / "pairs", "jsonl")
+    assert runner.invoke(app, ["audit", str(pairs_path), "-r", ref, "-o", str(pair_run), "-q"]).exit_code == 0
+    refused = runner.invoke(app, ["audit", str(path), "-r", ref, "--baseline", str(pair_run), "-q"])
+    assert refused.exit_code == 2 and "the baseline ran on preference pairs" in refused.stderr
+
 
 
 PLANTED = [  # (row, expected removal rules)
@@ -344,3 +355,82 @@ def test_progress_bars_count_responses_and_two_argument_factories_still_work(pai
     api.audit(str(path), str(model_dirs["gpt2"]), options(), bars)
     api.audit(str(path), str(model_dirs["gpt2"]), options(), plain)
     assert units and set(units) == {"responses"} and kinds == ["tokenizing", "scoring reference"]
+
+
+def test_dropped_non_finite_and_empty_rows_are_left_out_of_every_number(pairs, model_dirs, tmp_path):
+    """--max-length drops the rows whose prompt fills it: they are counted and named, and no rate, median, AUC or
+    mean includes them (checked against the same numbers computed on the kept rows alone)."""
+    rows = kto_rows(pairs)
+    rows[0]["prompt"] = rows[1]["prompt"] = " ".join(["the cat"] * 40)  # pair 0: a prompt over --max-length
+    path = write(rows, tmp_path / "kto", "jsonl")
+    run = api.compare(str(path), str(model_dirs["gpt2"]), str(model_dirs["gpt2-policy"]), options(max_length=48))
+    t, s = run.pairs, run.summary
+    assert t["dropped"].tolist()[:2] == [True, True] and t["dropped"].sum() == 2 and s["n_scored"] == len(rows) - 2
+    assert np.isnan(t.loc[0, "ref_logp"]) and not t.loc[0, "ref_favoured"] and not t.loc[0, "desirable_displaced"]
+    kept = t[~t["dropped"]]
+    label = kept["label"].to_numpy()
+    assert s["ref_logp_per_token_median"] == pytest.approx(np.median(kept["ref_logp_per_token"]))
+    assert s["ref_desirable_auc"] == pytest.approx(brute_auc(kept["ref_logp_per_token"].to_numpy(), label))
+    assert s["reward_auc"] == pytest.approx(brute_auc(kept["reward"].to_numpy(), label))
+    assert s["undesirable_raised_rate"] == pytest.approx((kept["logratio"][~label] > 0).mean())
+    assert s["mean_reward_undesirable"] == pytest.approx(kept.loc[~label, "reward"].mean())
+    assert (s["desirable_weight_min"], s["desirable_weight_max"]) == pytest.approx((1.0, 4 / 3))  # kept: 11 and 11
+    dropped = next(f for f in s["verdict"]["findings"] if f["id"] == "dropped")
+    assert dropped["level"] == "warn" and dropped["pairs"] == ["0/chosen", "0/rejected"]
+    everything = api.audit(str(path), str(model_dirs["gpt2"]), options(max_length=4))  # every prompt fills it
+    assert everything.summary["n_scored"] == 0 and everything.summary["verdict"]["level"] == "warn"
+    assert everything.summary["verdict"]["findings"][0]["id"] == "dropped"
+
+
+def test_a_one_label_compare_still_reports_what_the_policy_did(pairs, model_dirs, tmp_path):
+    path = write([r for r in kto_rows(pairs) if r["label"]], tmp_path / "kto", "jsonl")
+    run = api.compare(str(path), str(model_dirs["gpt2"]), str(model_dirs["gpt2-policy"]), options())
+    found = {f["id"]: f for f in run.summary["verdict"]["findings"]}
+    assert {"desirable_displaced", "one_label"} <= set(found)
+    assert "n/a" not in " ".join(f["text"] for f in found.values())
+
+
+def test_group_by_takes_the_names_of_the_responses_table_before_any_model_loads(pairs, model_dirs, tmp_path):
+    path = write(kto_rows(pairs), tmp_path / "kto", "jsonl")
+    for column, expected in (("label", {"True", "False"}), ("completion", None), ("response_id", None)):
+        run = api.audit(str(path), str(model_dirs["gpt2"]), options(group_by=column))
+        values = run.summary["groups"]["values"]
+        assert sum(v["n_responses"] for v in values.values()) == 2 * len(pairs), column
+        if expected:
+            assert set(values) == expected
+            assert values["True"]["n_desirable"] == len(pairs) and values["False"]["n_desirable"] == 0
+    result = runner.invoke(app, ["audit", str(path), "-r", "no/such/model", "--group-by", "rejected"])
+    assert result.exit_code == 2 and "no column 'rejected'" in result.stderr and "completion" in result.stderr
+
+
+def test_a_data_column_named_like_an_output_column_is_kept_renamed(pairs, model_dirs, tmp_path):
+    rows = [{**r, "reward": 1.5, "truncated": "no"} for r in kto_rows(pairs)[:6]]
+    run = api.compare(str(write(rows, tmp_path / "kto", "jsonl")), str(model_dirs["gpt2"]),
+                      str(model_dirs["gpt2-policy"]), options(group_by="reward"))  # fmt: skip
+    t = run.pairs
+    assert t["data_reward"].tolist() == [1.5] * 6 and t["data_truncated"].tolist() == ["no"] * 6
+    assert t["reward"].dtype == float and t["truncated"].dtype == bool
+    assert list(run.summary["groups"]["values"]) == ["1.5"]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_labels_written_as_floats_or_text_by_other_tools_load(fmt, tmp_path):
+    frame = pd.DataFrame({"prompt": ["Q?", "Q?", "R?"], "completion": [" a", " b", " c"], "label": [1.0, 0.0, 1.0]})
+    path = tmp_path / f"kto.{fmt}"
+    frame.to_csv(path, index=False) if fmt == "csv" else frame.to_parquet(path)  # CSV holds "1.0" and "0.0"
+    data = load_pairs(str(path), data_format="kto")
+    assert data.table["label"].tolist() == [True, False, True]
+
+
+def test_column_options_name_the_kto_prompt_and_the_id(tmp_path):
+    rows = [{"question": "Q?", "completion": " a", "label": True, "uid": "u1", "id": 7},
+            {"question": "R?", "completion": " b", "label": False, "uid": "u2", "id": 8}]  # fmt: skip
+    path = write(rows, tmp_path / "kto", "jsonl")
+    data = load_pairs(str(path), data_format="kto", columns=ColumnMap(prompt="question", id="uid"))
+    assert data.table["prompt"].tolist() == ["Q?", "R?"] and data.table["pair_id"].tolist() == ["u1", "u2"]
+    assert data.table["id"].tolist() == [7, 8]  # the row's own id column, kept as a column
+    missing = runner.invoke(app, ["audit", str(path), "--data-format", "kto"])
+    assert missing.exit_code == 2 and "'prompt' column" in missing.stderr and "--prompt-column" in missing.stderr
+    rows[1]["completion"] = 5
+    bad = runner.invoke(app, ["audit", str(write(rows, tmp_path / "bad", "jsonl")), "--prompt-column", "question"])
+    assert bad.exit_code == 2 and "'completion'" in bad.stderr and "'chosen'" not in bad.stderr

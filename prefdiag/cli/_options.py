@@ -155,7 +155,8 @@ Output = Annotated[
     Optional[Path],
     typer.Option(
         "--output", "-o", file_okay=False,
-        help="Directory for pairs.parquet, summary.json, report.md, junit.xml and report.html.",
+        help="Directory for pairs.parquet (responses.parquet for KTO rows), summary.json, report.md, junit.xml and "
+        "report.html.",
     ),  # fmt: skip
 ]
 FormatOpt = Annotated[
@@ -164,7 +165,7 @@ FormatOpt = Annotated[
 TableFormatOpt = Annotated[
     TableFormat, typer.Option("--table-format", help="Format of the per-pair table written to --output.")
 ]
-Top = Annotated[int, typer.Option(help="How many worst pairs to show.")]
+Top = Annotated[int, typer.Option(help="How many worst pairs (or KTO responses) to show per list.")]
 NoCache = Annotated[
     bool, typer.Option("--no-cache", metavar="", help="Neither read nor write the per-pair log-prob cache.")
 ]

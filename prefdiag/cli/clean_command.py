@@ -25,7 +25,8 @@ Rule = Annotated[
 FromRun = Annotated[
     Optional[str],
     typer.Option("--from", help="A saved run's --output directory: take the flags from its pairs.parquet (joined by "
-                 "pair_id) instead of computing them; refused when the text it saved is not this data's."),
+                 "pair_id; responses.parquet by response_id for KTO rows) instead of computing them; refused when "
+                 "the text it saved is not this data's."),
 ]  # fmt: skip
 
 
@@ -92,5 +93,5 @@ def clean(
             counts[name] = counts.get(name, 0) + 1
     by_rule = ", ".join(f"{n} {name}" for name, n in counts.items()) or "none flagged"
     skipped = f"; skipped: {', '.join(result.skipped_rules)}" if result.skipped_rules and rules is None else ""
-    print(f"removed {result.n_removed} of {result.n_pairs} {result.unit}s ({by_rule}){skipped}; wrote {result.output} and "
-          f"{result.manifest}")  # fmt: skip
+    print(f"removed {result.n_removed} of {result.n_pairs} {result.unit}s ({by_rule}){skipped}; wrote {result.output} "
+          f"and {result.manifest}")  # fmt: skip

@@ -16,7 +16,8 @@ SavedRunArg = Annotated[
     Path,
     typer.Argument(
         metavar="RUN",
-        help="summary.json of an audit or compare run, or the --output directory holding it (with pairs.*).",
+        help="summary.json of an audit or compare run, or the --output directory holding it (with pairs.* or "
+        "responses.*).",
         show_default=False,
     ),
 ]
@@ -69,7 +70,8 @@ def gate(
     if not rules:
         raise UsageError(
             f"{run}: no gate rules to check",
-            hint=f"give {gates.EXAMPLE}, --gate FILE, or a [tool.prefdiag.gate] table in ./pyproject.toml",
+            hint=f"give {gates.RESPONSE_EXAMPLE if saved.summary.get('data_shape') == 'kto' else gates.EXAMPLE}, "
+            "--gate FILE, or a [tool.prefdiag.gate] table in ./pyproject.toml",
         )
     summary = {k: v for k, v in saved.summary.items() if k != "gate"}
     # Without --baseline, a baseline comparison the run already made stays in the summary and can be gated.

@@ -99,10 +99,16 @@ def load_pairs(
     if paired_as_kto:
         shape, data_format = None, "auto"
     if shape is not None:
-        frame, shape_details, rows = to_pairs(frame, shape, source, json_path, binarize_seed)
+        frame, shape_details, rows = to_pairs(frame, shape, source, json_path, binarize_seed, columns.id,
+                                              columns.prompt)  # fmt: skip
         details = {**details, **shape_details}
         columns, data_format, json_path = ColumnMap(id=columns.id), "auto", None
-    pairs = _normalise(frame, source, digest, columns, details, data_format, kind == "csv", json_path)
+    try:
+        pairs = _normalise(frame, source, digest, columns, details, data_format, kind == "csv", json_path)
+    except DataError as exc:
+        if shape != "kto":
+            raise
+        raise DataError(str(exc).replace("column 'chosen'", "column 'completion'"), hint=exc.hint) from None
     if shape is not None:
         pairs.rows = np.asarray(rows, dtype=np.int64)
     if paired_as_kto:

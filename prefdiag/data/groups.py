@@ -11,16 +11,21 @@ from prefdiag.errors import UsageError
 MAX_GROUPS = 1000
 
 
-def group_column(table: pd.DataFrame, options: Any) -> str | None:
+def group_column(table: pd.DataFrame, options: Any, id_column: str = "pair_id") -> str | None:
     """The table column --group-by names: a data column, or an input column's name as the user knows it (``id``, or
-    the --id/--prompt/--chosen/--rejected-column names, for pair_id, prompt, chosen, rejected)."""
+    the --id/--prompt/--chosen/--rejected-column names, for pair_id (``id_column``), prompt, chosen, rejected)."""
     column = options.group_by
     if column is None or column in table.columns:
         return column
     columns = options.columns
-    aliases = {columns.id or "id": "pair_id", columns.prompt: "prompt", columns.chosen: "chosen",
+    aliases = {columns.id or "id": id_column, columns.prompt: "prompt", columns.chosen: "chosen",
                columns.rejected: "rejected"}  # fmt: skip
     return aliases.get(column, column)
+
+
+def response_view(table: pd.DataFrame) -> pd.DataFrame:
+    """Unpaired (KTO) rows under the names their per-response table gives them (response_id, completion)."""
+    return table.rename(columns={"pair_id": "response_id", "chosen": "completion"}).drop(columns=["rejected"])
 
 
 def check_group_column(table: pd.DataFrame, column: str | None) -> None:

@@ -57,17 +57,21 @@ def detect_shape(names: list[str]) -> str | None:
 
 
 def to_pairs(
-    frame: pa.Table | pd.DataFrame, shape: str, source: str, json_path: Path | None, seed: int = 0
+    frame: pa.Table | pd.DataFrame, shape: str, source: str, json_path: Path | None, seed: int = 0,
+    id_column: str | None = None, prompt_column: str = "prompt",
 ) -> tuple[pd.DataFrame, dict[str, Any], list[int]]:
     """The rows as prompt/chosen/rejected records (Python objects), the provenance details of the conversion, and
-    the input row (0-based) each pair came from."""
+    the input row (0-based) each pair came from. ``id_column``: the --id-column named, if any; ``prompt_column``:
+    KTO rows' prompt column (--prompt-column)."""
     rows = list(json_rows(json_path)) if json_path is not None else _rows(frame)
     if shape == "kto":
-        records, details = _kto(rows, source)
+        records, details = _kto(rows, source, id_column, prompt_column)
     elif shape == "arena":
-        records, details = _arena(rows, source)
+        records, details = _arena(rows, source, id_column)
+    elif shape.startswith("rated"):
+        records, details = _rated(rows, source, id_column, shape, seed)
     else:
-        records, details = _rated(rows, source, shape, seed) if shape.startswith("rated") else _shp(rows, source)
+        records, details = _shp(rows, source, id_column)
     if not records:
         raise DataError(f"{source}: no pairs: {details['n_ties_dropped']} of {len(rows)} rows are ties")
     numbers = [record.pop(_ROW) for record in records]
@@ -84,11 +88,17 @@ def _rows(frame: pa.Table | pd.DataFrame) -> list[dict]:
 _ROW = "\0row"  # where a record remembers its input row until the table is built
 
 
-def _with_id(row: dict, number: int) -> dict:
+def _with_id(row: dict, number: int, id_column: str | None = None) -> dict:
+    """Where the record came from, and its id: the row's ``id`` (else its number), or, when an --id-column is named
+    (it passes through and is read as the id), the row's own ``id`` kept as a plain column."""
+    if id_column is not None:
+        return {_ROW: number, **({"id": row["id"]} if "id" in row else {})}
     return {_ROW: number, "id": row["id"] if "id" in row else number}
 
 
-def _rated(rows: list[dict], source: str, shape: str, seed: int) -> tuple[list[dict], dict[str, Any]]:
+def _rated(
+    rows: list[dict], source: str, id_column: str | None, shape: str, seed: int
+) -> tuple[list[dict], dict[str, Any]]:
     rng = random.Random(seed)
     prompt_column = next(p for p in RATED_PROMPTS if any(p in row for row in rows))
     records, ties = [], 0
@@ -111,7 +121,7 @@ def _rated(rows: list[dict], source: str, shape: str, seed: int) -> tuple[list[d
         worst = min(lower, key=lambda i: rated[i][0])
         rejected = worst if shape == "rated-best-worst" else rng.choice(lower)
         extra = {k: v for k, v in row.items() if k not in ("completions", prompt_column, "id")}
-        records.append({**_with_id(row, number), "prompt": row.get(prompt_column), "chosen": rated[best][1],
+        records.append({**_with_id(row, number, id_column), "prompt": row.get(prompt_column), "chosen": rated[best][1],
                         "rejected": rated[rejected][1], "score_chosen": rated[best][0],
                         "score_rejected": rated[rejected][0], **extra})  # fmt: skip
     return records, {"n_ties_dropped": ties, "binarize_seed": seed, "prompt_column": prompt_column}
@@ -145,7 +155,7 @@ def _response(completion: dict, source: str, row: int) -> Any:
 ARENA_WINNERS = {"model_a": "a", "model_b": "b", "tie": None, "tie (bothbad)": None}
 
 
-def _arena(rows: list[dict], source: str) -> tuple[list[dict], dict[str, Any]]:
+def _arena(rows: list[dict], source: str, id_column: str | None) -> tuple[list[dict], dict[str, Any]]:
     records, ties = [], 0
     for number, row in enumerate(rows):
         winner = row.get("winner")
@@ -159,7 +169,7 @@ def _arena(rows: list[dict], source: str) -> tuple[list[dict], dict[str, Any]]:
         a, b = _conversation(row, "conversation_a", source, number), _conversation(row, "conversation_b", source,
                                                                                    number)  # fmt: skip
         extra = {k: v for k, v in row.items() if k not in ("conversation_a", "conversation_b", "id")}
-        records.append({**_with_id(row, number), "chosen": a if side == "a" else b,
+        records.append({**_with_id(row, number, id_column), "chosen": a if side == "a" else b,
                         "rejected": b if side == "a" else a, **extra})  # fmt: skip
     return records, {"n_ties_dropped": ties}
 
@@ -182,6 +192,8 @@ KTO_LABELS = {True: True, False: False, 1: True, 0: False, "true": True, "false"
 def kto_label(value: Any, source: str, row: int) -> bool:
     """A KTO label as a bool (true / false, 1 / 0, "true" / "false" in any case): True for a desirable response."""
     key = value.strip().lower() if isinstance(value, str) else value
+    if isinstance(key, str) and key in ("1.0", "0.0"):  # a float column written as text (pandas' CSV)
+        key = key[0]
     if isinstance(key, float) and key in (0.0, 1.0):
         key = int(key)
     try:
@@ -191,16 +203,22 @@ def kto_label(value: Any, source: str, row: int) -> bool:
                         f"got {value!r}") from None  # fmt: skip
 
 
-def _kto(rows: list[dict], source: str) -> tuple[list[dict], dict[str, Any]]:
-    if not any("prompt" in row for row in rows):
-        raise DataError(f"{source}: unpaired KTO rows need a 'prompt' column beside 'completion' and 'label'")
+def _kto(
+    rows: list[dict], source: str, id_column: str | None, prompt_column: str
+) -> tuple[list[dict], dict[str, Any]]:
+    if not any(prompt_column in row for row in rows):
+        raise DataError(f"{source}: unpaired KTO rows need a {prompt_column!r} column beside 'completion' and "
+                        "'label'", hint="name another with --prompt-column")  # fmt: skip
     records = []
     for number, row in enumerate(rows):
         if row.get("completion") is None:
             raise DataError(f"{source}: row {number + 1}, column 'completion': missing value")
-        extra = {k: v for k, v in row.items() if k not in ("prompt", "completion", "label", "id")}
-        records.append({**_with_id(row, number), "prompt": row.get("prompt"), "chosen": row["completion"],
-                        "rejected": row["completion"], "label": kto_label(row.get("label"), source, number),
+        extra = {k: v for k, v in row.items() if k not in (prompt_column, "prompt", "completion", "label", "id")}
+        if prompt_column != "prompt" and "prompt" in row:
+            extra["original_prompt"] = row["prompt"]  # a prompt column beside the one named: kept, renamed
+        records.append({**_with_id(row, number, id_column), "prompt": row.get(prompt_column),
+                        "chosen": row["completion"], "rejected": row["completion"],
+                        "label": kto_label(row.get("label"), source, number),
                         **extra})  # fmt: skip
     return records, {}
 
@@ -222,7 +240,7 @@ def unpair(pairs: PairData) -> PairData:
     return dataclasses.replace(pairs, table=out, details=details, rows=rows)
 
 
-def _shp(rows: list[dict], source: str) -> tuple[list[dict], dict[str, Any]]:
+def _shp(rows: list[dict], source: str, id_column: str | None) -> tuple[list[dict], dict[str, Any]]:
     records, ties = [], 0
     for number, row in enumerate(rows):
         a, b = row.get("human_ref_A"), row.get("human_ref_B")
@@ -237,6 +255,6 @@ def _shp(rows: list[dict], source: str) -> tuple[list[dict], dict[str, Any]]:
                             f"{label!r}")  # fmt: skip
         a_wins = str(int(label)) == "1" if not isinstance(label, str) else label == "1"
         extra = {k: v for k, v in row.items() if k not in ("history", "prompt", "human_ref_A", "human_ref_B", "id")}
-        records.append({**_with_id(row, number), "prompt": row.get("history", row.get("prompt")),
+        records.append({**_with_id(row, number, id_column), "prompt": row.get("history", row.get("prompt")),
                         "chosen": a if a_wins else b, "rejected": b if a_wins else a, **extra})  # fmt: skip
     return records, {"n_ties_dropped": ties}

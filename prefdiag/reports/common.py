@@ -59,15 +59,16 @@ RESPONSE_METRIC_LABELS = [
     ("beta", "beta"),
     ("desirable_weight_min", "desirable_weight for KTO's balance: at least"),
     ("desirable_weight_max", "desirable_weight for KTO's balance: at most"),
-    ("ref_reference_point", "reference point: median ref log-prob per token"),
+    ("ref_logp_per_token_median", "median ref log-prob per token (what favoured means)"),
     ("ref_favoured_desirable_rate", "desirable responses the reference favours"),
     ("ref_favoured_undesirable_rate", "undesirable responses the reference favours"),
-    ("ref_desirable_auc", "AUC desirable vs undesirable, reference"),
-    ("ref_prompt_accuracy", "prompts where the reference prefers desirable"),
+    ("ref_desirable_auc", "AUC desirable vs undesirable, reference, per token"),
+    ("ref_prompt_accuracy", "prompts where the reference prefers desirable, per token"),
     ("mean_ref_logp_desirable", "mean ref log-prob, desirable (nats)"),
     ("mean_ref_logp_undesirable", "mean ref log-prob, undesirable (nats)"),
-    ("policy_desirable_auc", "AUC desirable vs undesirable, policy"),
-    ("policy_prompt_accuracy", "prompts where the policy prefers desirable"),
+    ("reward_auc", "AUC desirable vs undesirable, implicit reward"),
+    ("policy_desirable_auc", "AUC desirable vs undesirable, policy, per token"),
+    ("policy_prompt_accuracy", "prompts where the policy prefers desirable, per token"),
     ("mean_logps_desirable", "mean policy log-prob, desirable (logps/chosen)"),
     ("mean_logps_undesirable", "mean policy log-prob, undesirable (logps/rejected)"),
     ("mean_reward_desirable", "mean reward, desirable (rewards/chosen)"),
@@ -100,6 +101,7 @@ RESPONSE_KEY_METRICS = [  # the same, for unpaired (KTO) runs
     "n_responses",
     "desirable_rate",
     "ref_desirable_auc",
+    "reward_auc",
     "ref_favoured_desirable_rate",
     "ref_favoured_undesirable_rate",
     "policy_desirable_auc",
@@ -127,6 +129,7 @@ GROUP_HEADERS = {
     "n_responses": "responses",
     "desirable_rate": "desirable",
     "ref_desirable_auc": "ref AUC",
+    "reward_auc": "reward AUC",
     "ref_favoured_desirable_rate": "ref favours desirable",
     "ref_favoured_undesirable_rate": "ref favours undesirable",
     "policy_desirable_auc": "policy AUC",
@@ -228,9 +231,11 @@ def gate_headline(summary: dict[str, Any]) -> tuple[str, str]:
 def baseline_rows(summary: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """(label, baseline, current, delta) for the key metrics both runs have."""
     metrics = (summary.get("baseline") or {}).get("metrics") or {}
+    unpaired = is_unpaired(summary)
+    labels, keys = (RESPONSE_METRIC_LABELS, RESPONSE_KEY_METRICS) if unpaired else (METRIC_LABELS, KEY_METRICS)
     rows = []
-    for key in [k for k, _ in METRIC_LABELS]:
-        if key in metrics and key in KEY_METRICS:
+    for key in [k for k, _ in labels]:
+        if key in metrics and key in keys:
             d = metrics[key]
             rows.append(
                 (metric_label(key), format_value(key, d["baseline"]), format_value(key, d["current"]),

@@ -137,7 +137,8 @@ def _baseline_section(table: pd.DataFrame | None, summary: dict[str, Any], n_wor
         lines += ["", "| metric | baseline | current | change |", "| --- | --- | --- | --- |"]
         lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     if baseline.get("ranking_column") is None:
-        lines += ["", "No per-pair comparison: one of the runs has no pairs table with a margin column."]
+        lines += ["", "Unpaired responses: the metrics are compared, not the rows." if unit(summary) == "response" else
+                  "No per-pair comparison: one of the runs has no pairs table with a margin column."]  # fmt: skip
         return lines
     lines += [
         "",

@@ -82,8 +82,9 @@ def response_plots(table: pd.DataFrame) -> list[Plot]:
     plots = [histogram("Reference log-prob per token, by label",
                        {"desirable": table.loc[desirable, "ref_logp_per_token"],
                         "undesirable": table.loc[~desirable, "ref_logp_per_token"]},
-                       "log p_ref(completion) / tokens, nats", "Where the desirable mass sits right of the undesirable, "
-                       "the reference already favours the desirable responses.", [CHOSEN, REJECTED], marker=math.nan,
+                       "log p_ref(completion) / tokens, nats",
+                       "Where the desirable mass sits right of the undesirable, the reference already favours the "
+                       "desirable responses.", [CHOSEN, REJECTED], marker=math.nan,
                        unit="responses")]  # fmt: skip
     if "logratio" in table.columns:
         per_token = table["logratio"] / table["completion_tokens"].where(table["completion_tokens"] > 0)

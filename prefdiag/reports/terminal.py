@@ -38,11 +38,13 @@ NUMBERS = [("ref_margin", "ref"), ("policy_margin", "policy"), ("reward_margin",
 UNITS = "ref, policy: margins in nats; reward: beta x (policy - ref margin); loss: DPO loss"
 # Unpaired (KTO) responses: log-probs per token, and the change the policy made.
 RESPONSE_NUMBERS = [("ref_logp_per_token", "ref/tok"), ("policy_logp_per_token", "policy/tok"), ("reward", "reward")]
-RESPONSE_UNITS = "ref/tok, policy/tok: log-prob per token (nats); reward: beta x (policy - ref log-prob)"
+RESPONSE_UNITS = {"ref/tok": "ref/tok: reference log-prob per token (nats)",
+                  "policy/tok": "policy/tok: policy log-prob per token", "reward": "reward: beta x (policy - ref)"}
 # Per-group columns that fit an 80-column log beside the group name.
 GROUP_COLUMNS = ["n_pairs", "reward_accuracy", "ranking_accuracy", "ref_ranking_accuracy",
                  "negative_margin_regime_rate", "mean_dpo_loss",
-                 "n_responses", "ref_desirable_auc", "policy_desirable_auc", "desirable_displaced_rate"]  # fmt: skip
+                 "n_responses", "ref_desirable_auc", "reward_auc", "policy_desirable_auc",
+                 "desirable_displaced_rate"]  # fmt: skip
 
 
 def print_report(console: Console, table: pd.DataFrame | None, summary: dict[str, Any], n_worst: int = 10) -> None:
@@ -69,7 +71,8 @@ def verdict_panel(summary: dict[str, Any]) -> Panel:
     """The verdict's findings in a panel titled with its level (what `prefdiag gate` prints beside the gate)."""
     verdict = summary.get("verdict", {})
     level = verdict.get("level", "ok")
-    return Panel(_findings_text(verdict, unit(summary)), title=f"verdict: {level}", border_style=LEVEL_STYLES.get(level, "white"))
+    style = LEVEL_STYLES.get(level, "white")
+    return Panel(_findings_text(verdict, unit(summary)), title=f"verdict: {level}", border_style=style)
 
 
 def _findings_text(verdict: dict[str, Any], what: str = "pair") -> Text:
@@ -102,13 +105,14 @@ def worst_pairs_table(table: pd.DataFrame | PairList, n_worst: int, width: int =
     ids = [short(row_id(row)) for _, row in worst.iterrows()]
     title = f"{section.title} ({len(worst)} of {section.n}, by {section.order})"
     if numbers and unpaired:
-        title += f"\n{RESPONSE_UNITS}"
+        title += "\n" + "; ".join(RESPONSE_UNITS[label] for _, label in numbers)
     elif numbers:
         title += f"\n{UNITS}" if "reward_margin" in worst.columns else "\nref: reference margin in nats"
     pairs = Table(title=escape(clean_text(title, bidi=True)), title_justify="left", box=box.SIMPLE_HEAD,
                   pad_edge=False)  # fmt: skip
     id_width = max(4, min(max(map(len, ids)), 24))
-    pairs.add_column("response" if unpaired else "pair", no_wrap=True, min_width=id_width, max_width=id_width, overflow="ellipsis")
+    pairs.add_column("response" if unpaired else "pair", no_wrap=True, min_width=id_width, max_width=id_width,
+                     overflow="ellipsis")
     cells = {c: [f"{v:.2f}" for v in worst[c]] for c, _ in numbers}
     fixed = id_width
     for column, label in numbers:
