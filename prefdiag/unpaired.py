@@ -83,8 +83,8 @@ def response_table(pairs: pd.DataFrame, features: Any, scores: pd.DataFrame | No
         for name in ("truncated", "dropped", "boundary_mismatch"):
             out[name] = scores[name].to_numpy(bool)
     out = pd.concat([out, pd.DataFrame(_data_checks(features, label))], axis=1)
-    out["prompt"] = pairs["prompt"].to_numpy()
-    out["completion"] = pairs["chosen"].to_numpy()
+    out["prompt"] = pairs["prompt"].reset_index(drop=True)  # the loaded column's own type (Arrow text, messages)
+    out["completion"] = pairs["chosen"].reset_index(drop=True)
     extras = pairs.drop(columns=["pair_id", "prompt", "chosen", "rejected", "label"]).reset_index(drop=True)
     clashing = {name: f"data_{name}" for name in extras.columns if name in out.columns or name in COLUMN_ORDER}
     if clashing:  # the data's own column named like one of prefdiag's: kept, renamed
