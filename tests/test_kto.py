@@ -202,6 +202,13 @@ def test_cli_writes_the_responses_table_and_reports_and_gates_them(pairs, model_
                                                      "summary.json"]  # fmt: skip
     table = pd.read_parquet(out / "responses.parquet")
     assert table["response_id"].tolist() == [r["id"] for r in rows]
+    from prefdiag.schemas import response_columns
+
+    published = response_columns()
+    assert set(published) <= set(table.columns)  # a compare run has every column prefdiag computes
+    for column, kind in published.items():
+        dtype = str(table[column].dtype)
+        assert dtype in ("str", "string", "object") if kind == "string" else dtype == kind, column
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["groups"]["values"]) == {"s0", "s1", "s2"}
     assert sum(g["n_responses"] for g in summary["groups"]["values"].values()) == len(rows)

@@ -1,4 +1,5 @@
-"""The published formats: summary.json's JSON Schema and the per-pair table's column types (package data)."""
+"""The published formats: summary.json's JSON Schema and the column types of the per-pair table and of the
+per-response table of unpaired KTO runs (package data)."""
 
 from __future__ import annotations
 
@@ -14,5 +15,13 @@ def summary_schema() -> dict[str, Any]:
 
 def pair_columns() -> dict[str, str]:
     """The per-pair table's columns and their types (pandas / Arrow names), for the columns prefdiag computes."""
-    doc = json.loads(resources.files(__name__).joinpath("pairs.columns.json").read_text(encoding="utf-8"))
-    return doc["columns"]
+    return _columns("pairs.columns.json")
+
+
+def response_columns() -> dict[str, str]:
+    """The same for the per-response table (responses.parquet) of a run on unpaired KTO rows."""
+    return _columns("responses.columns.json")
+
+
+def _columns(name: str) -> dict[str, str]:
+    return json.loads(resources.files(__name__).joinpath(name).read_text(encoding="utf-8"))["columns"]
