@@ -150,9 +150,9 @@ class DistributedScorer:
         dropped = np.asarray(tokenized.dropped, dtype=bool)
         asked = np.flatnonzero(~dropped) if pairs is None else np.asarray(pairs, dtype=np.int64)
         asked = asked[~dropped[asked]]
-        tied = np.fromiter((c == r for c, r in zip(tokenized.chosen_ids, tokenized.rejected_ids)), bool, count=n)
         # What each pair costs the engine: a tie (an unpaired KTO row) lays its completion out once (prefdiag.rows).
-        lengths = tokenized.prompt_tokens + tokenized.chosen_tokens + np.where(tied, 0, tokenized.rejected_tokens)
+        lengths = tokenized.prompt_tokens + tokenized.chosen_tokens + np.where(tokenized.tied, 0,
+                                                                               tokenized.rejected_tokens)
         group, groups = data_parallel_layout(self.tp)
         share = asked[distributed.split_by_tokens(np.asarray(lengths)[asked], groups)[group]]
         counter = _StoreCounter(f"prefdiag/progress/{DistributedScorer._calls}")

@@ -46,13 +46,14 @@ def build_rows(tokenized: TokenizedPairs, layout: str = "prefix", pairs: Sequenc
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     rows: list[_Row] = []
+    tied = tokenized.tied
     for i in range(len(tokenized)) if pairs is None else pairs:
         if tokenized.dropped[i]:
             continue
         prompt = tokenized.prompt_ids[i]
         chosen = tokenized.chosen_ids[i]
         rejected = tokenized.rejected_ids[i]
-        if len(rejected) == len(chosen) and list(rejected) == list(chosen):
+        if tied[i]:
             rejected = []  # a tie: scored once, copied to the rejected side by the engine
         p = len(prompt)
         if layout == "separate":

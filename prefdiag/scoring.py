@@ -120,9 +120,7 @@ class LogProbScorer:
         totals = np.zeros(2 * len(tokenized), dtype=np.float64)
         # Identical completions have identical log-probs by definition: make the tie exact (ties count as wrong,
         # as in TRL), rather than a 1e-6 margin from summation order deciding which side "wins".
-        same = np.fromiter(
-            (c == r for c, r in zip(tokenized.chosen_ids, tokenized.rejected_ids)), dtype=bool, count=len(tokenized)
-        )
+        same = tokenized.tied
         rows_left = np.bincount([row.pair for row in rows], minlength=len(tokenized))
         self.extras = {}
         sums = ResponseSums() if self.settings.ches else None

@@ -49,6 +49,11 @@ class TokenizedPairs:
     def rejected_tokens(self) -> np.ndarray:
         return np.fromiter((len(r) for r in self.rejected_ids), dtype=np.int64, count=len(self))
 
+    @property
+    def tied(self) -> np.ndarray:
+        """Pairs whose chosen and rejected completions have the same token ids (every unpaired KTO row is one)."""
+        return np.fromiter((c == r for c, r in zip(self.chosen_ids, self.rejected_ids)), dtype=bool, count=len(self))
+
 
 def is_conversation(value: Any) -> bool:
     """True for a list of {role, content} messages (TRL's conversational format)."""
