@@ -297,15 +297,9 @@ class PairList:
     rows: pd.DataFrame
 
 
-def _per_token_reward(table: pd.DataFrame) -> pd.Series:
-    return table["policy_margin_per_token"] - table["ref_margin_per_token"]
-
-
-def pair_lists(table: pd.DataFrame, n: int = 10) -> list[PairList]:
-    """One list per finding with pairs behind it (non-finite, negative-margin regime, likely mislabeled, broken by
-    training, reference prefers rejected without a policy, data problems), each cut to ``n`` rows and ordered by a
-    per-token measure so that a long response alone does not put a pair first."""
-    lists = []
+def list_adder(table: pd.DataFrame, n: int, lists: list[PairList]):
+    """``add(list_id, title, mask, key, order)``: append to ``lists`` the rows ``mask`` selects (if any), ordered
+    by ``key`` ascending (table order when None) and cut to ``n``; shared by the pair and the response lists."""
 
     def add(list_id: str, title: str, mask: pd.Series, key: pd.Series | None, order: str) -> None:
         mask = mask.fillna(False).astype(bool)
@@ -315,6 +309,20 @@ def pair_lists(table: pd.DataFrame, n: int = 10) -> list[PairList]:
         if key is not None:
             rows = rows.loc[key[mask].sort_values(kind="stable", na_position="last").index]
         lists.append(PairList(list_id, title, order, int(mask.sum()), rows.head(n)))
+
+    return add
+
+
+def _per_token_reward(table: pd.DataFrame) -> pd.Series:
+    return table["policy_margin_per_token"] - table["ref_margin_per_token"]
+
+
+def pair_lists(table: pd.DataFrame, n: int = 10) -> list[PairList]:
+    """One list per finding with pairs behind it (non-finite, negative-margin regime, likely mislabeled, broken by
+    training, reference prefers rejected without a policy, data problems), each cut to ``n`` rows and ordered by a
+    per-token measure so that a long response alone does not put a pair first."""
+    lists: list[PairList] = []
+    add = list_adder(table, n, lists)
 
     def add_flag(flag: str, what: str, key: pd.Series, order: str) -> None:
         """The pairs a flag marks, titled with its label (the registry's) and what that means."""
