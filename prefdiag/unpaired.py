@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from prefdiag import flags
-from prefdiag.diagnostics import EXAMPLES, PairList, _mean, _rate
+from prefdiag.diagnostics import EXAMPLES, PairList, _mean, _rate, list_adder
 from prefdiag.findings import LEVELS, _finding, _v
 from prefdiag.formatting import plural
 
@@ -71,17 +71,16 @@ def response_table(pairs: pd.DataFrame, features: Any, scores: pd.DataFrame | No
             out["policy_logp_per_token"] = out["policy_logp"] / tokens
             out["logratio"] = out["policy_logp"] - out["ref_logp"]
             out["reward"] = beta * out["logratio"]
+        for name in ("truncated", "dropped", "boundary_mismatch"):
+            out[name] = scores[name].to_numpy(bool)
         logps = out[["ref_logp"] + (["policy_logp"] if policy else [])].to_numpy(float)
-        scored = ~scores["dropped"].to_numpy(bool)
-        out["non_finite"] = scored & ~np.isfinite(logps).all(axis=1)
-        good = scored & ~out["non_finite"].to_numpy() & (out["completion_tokens"].to_numpy() > 0)
+        out["non_finite"] = ~out["dropped"].to_numpy() & ~np.isfinite(logps).all(axis=1)
+        good = _scored(out).to_numpy()
         point = np.median(out.loc[good, "ref_logp_per_token"]) if good.any() else np.nan
         out["ref_favoured"] = good & (out["ref_logp_per_token"].to_numpy() > point)
         if policy:
             out["desirable_displaced"] = good & label & (out["logratio"].to_numpy() < 0)
             out["undesirable_raised"] = good & ~label & (out["logratio"].to_numpy() > 0)
-        for name in ("truncated", "dropped", "boundary_mismatch"):
-            out[name] = scores[name].to_numpy(bool)
     out = pd.concat([out, pd.DataFrame(_data_checks(features, label))], axis=1)
     out["prompt"] = pairs["prompt"].reset_index(drop=True)  # the loaded column's own type (Arrow text, messages)
     out["completion"] = pairs["chosen"].reset_index(drop=True)
@@ -196,9 +195,9 @@ def summarize(table: pd.DataFrame, beta: float) -> dict[str, Any]:
             s[f"{name}_rate"] = _rate(table[name], scored & subset)  # of the scored responses with that label
     everyone = pd.Series(True, index=table.index)
     for flag in flags.RESPONSE_FLAGS:
-        if flag.name in table.columns and flag.kind in ("data", "token"):
+        if flag.name in table.columns and flag.kind in ("data", "token"):  # rates over every response
             s[f"n_{flag.name}"] = int(table[flag.name].sum())
-            s[f"{flag.name}_rate"] = _rate(table[flag.name], scored if flag.kind == "reference" else everyone)
+            s[f"{flag.name}_rate"] = _rate(table[flag.name], everyone)
     if "response_id" not in table.columns:  # a group's numbers only (diagnostics.summarize_groups)
         return s
     lists = response_lists(table, EXAMPLES)
@@ -217,17 +216,10 @@ def summarize(table: pd.DataFrame, beta: float) -> dict[str, Any]:
 
 def response_lists(table: pd.DataFrame, n: int = 10) -> list[PairList]:
     """The responses behind each finding, cut to ``n`` and ordered by a per-token measure."""
-    lists = []
+    lists: list[PairList] = []
+    add = list_adder(table, n, lists)
     desirable = table["label"].astype(bool)
     scored = _scored(table)
-
-    def add(list_id: str, title: str, mask: pd.Series, key: pd.Series | None, order: str) -> None:
-        mask = mask.fillna(False).astype(bool)
-        if mask.any():
-            rows = table[mask]
-            if key is not None:
-                rows = rows.loc[key[mask].sort_values(kind="stable", na_position="last").index]
-            lists.append(PairList(list_id, title, order, int(mask.sum()), rows.head(n)))
 
     if "non_finite" in table.columns:
         add("non_finite", "Responses with a NaN or infinite log-prob (left out of every rate)", table["non_finite"],
