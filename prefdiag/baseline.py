@@ -17,9 +17,10 @@ import pandas as pd
 
 from prefdiag import __version__
 from prefdiag.diagnostics import SCHEMA_VERSION
-from prefdiag.errors import DataError
+from prefdiag.errors import DataError, UsageError
 from prefdiag.gate import metric_values
 from prefdiag.options import TABLE_FORMATS
+from prefdiag.unpaired import SHAPE, table_name
 
 READABLE_SCHEMA_VERSIONS = (SCHEMA_VERSION,)  # the summary.json schema versions gate and --baseline accept
 LISTED_PAIRS = 50  # regressed / fixed pairs listed in summary.json (all are marked in the pairs table)
@@ -52,9 +53,8 @@ def load_run(path: Path) -> SavedRun:
         raise DataError(f"{summary_path}: not a prefdiag summary.json (no n_pairs)")
     check_schema_version(summary, summary_path)
     pairs = None
-    name = "responses" if summary.get("data_shape") == "kto" else "pairs"
     for fmt in TABLE_FORMATS:  # the formats a run writes its pairs table in
-        table_path = summary_path.parent / f"{name}.{fmt}"
+        table_path = summary_path.parent / f"{table_name(summary)}.{fmt}"
         if table_path.is_file():
             pairs = _read_table(table_path, fmt)
             break
@@ -107,9 +107,7 @@ def compare_with_baseline(
     refused."""
     shapes = (summary.get("data_shape"), baseline.summary.get("data_shape"))
     if shapes[0] != shapes[1]:
-        from prefdiag.errors import UsageError
-
-        words = {None: "preference pairs", "kto": "unpaired (KTO) rows"}
+        words = {None: "preference pairs", SHAPE: "unpaired (KTO) rows"}
         raise UsageError(f"--baseline {baseline.source}: the baseline ran on {words.get(shapes[1], shapes[1])}, this "
                          f"run on {words.get(shapes[0], shapes[0])}: their metrics are not comparable")
     record: dict[str, Any] = {
@@ -119,7 +117,7 @@ def compare_with_baseline(
         "same_dataset": _same_dataset(summary, baseline.summary),
         "metrics": _metric_deltas(summary, baseline.summary),
     }
-    if pairs is None or baseline.pairs is None or shapes[0] == "kto":  # responses: no ranking to compare
+    if pairs is None or baseline.pairs is None or shapes[0] == SHAPE:  # responses: no ranking to compare
         record["ranking_column"] = None
         return record, pairs
     column = ranking_column(pairs, baseline.pairs)

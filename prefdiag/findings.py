@@ -55,10 +55,10 @@ def _finding(
 
 def findings(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """Every finding a summary supports, most severe first (a stable order within a level)."""
-    if summary.get("data_shape") == "kto":  # unpaired rows: per-response findings (prefdiag.unpaired)
-        from prefdiag.unpaired import findings as response_findings
+    from prefdiag import unpaired  # imports this module: loaded when first asked
 
-        return response_findings(summary)
+    if unpaired.is_unpaired(summary):  # unpaired rows: per-response findings
+        return unpaired.findings(summary)
     found = _model_findings(summary) + _data_findings(summary)
     if not found:
         found.append(_finding(summary, "no_model", "ok", f"{_v(summary, 'n_pairs')} pairs loaded; no model was "

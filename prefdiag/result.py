@@ -69,13 +69,13 @@ class RunResult:
         from prefdiag.reports.html import render_html
         from prefdiag.reports.junit import render_junit
         from prefdiag.reports.markdown import render_markdown
+        from prefdiag.unpaired import table_name
 
         pairs, summary = self.pairs, self.summary
         with phase("write_outputs"):
             writers = {}
             if pairs is not None and table_format is not None:
-                name = "responses" if summary.get("data_shape") == "kto" else "pairs"  # unpaired rows: responses
-                writers[f"{name}.{table_format}"] = lambda path: write_table(pairs, path, table_format)
+                writers[f"{table_name(summary)}.{table_format}"] = lambda path: write_table(pairs, path, table_format)
             writers.update(
                 {
                     "summary.json": write_text(dumps_summary(summary)),

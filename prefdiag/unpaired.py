@@ -54,6 +54,11 @@ def is_unpaired(summary: dict[str, Any] | None) -> bool:
     return bool(summary) and summary.get("data_shape") == SHAPE
 
 
+def table_name(summary: dict[str, Any] | None) -> str:
+    """What a run's per-row table is called on disk (``<name>.parquet``): "responses" for KTO rows, else "pairs"."""
+    return "responses" if is_unpaired(summary) else "pairs"
+
+
 def response_table(pairs: pd.DataFrame, features: Any, scores: pd.DataFrame | None, beta: float) -> pd.DataFrame:
     """The per-response table from the loaded rows (chosen = rejected = the completion, a ``label`` column), their
     text features (prefdiag.checks.text_features) and, when models were scored, prefdiag.api's score columns."""

@@ -68,9 +68,11 @@ def gate(
     if not rules:
         rules = gates.rules_from_summary(saved.summary)
     if not rules:
+        from prefdiag.unpaired import is_unpaired
+
         raise UsageError(
             f"{run}: no gate rules to check",
-            hint=f"give {gates.RESPONSE_EXAMPLE if saved.summary.get('data_shape') == 'kto' else gates.EXAMPLE}, "
+            hint=f"give {gates.RESPONSE_EXAMPLE if is_unpaired(saved.summary) else gates.EXAMPLE}, "
             "--gate FILE, or a [tool.prefdiag.gate] table in ./pyproject.toml",
         )
     summary = {k: v for k, v in saved.summary.items() if k != "gate"}
