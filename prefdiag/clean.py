@@ -15,10 +15,12 @@ saved run's responses.parquet joined by response_id."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -113,8 +115,9 @@ def clean(
     if from_run is not None:
         saved_flags.check_same_pairs(data, recorded, from_run)
     requested = tuple(dict.fromkeys(rules or (RESPONSE_DEFAULT_RULES if unpaired else DEFAULT_RULES)))
-    table, origin = _flags(data, from_run, reference, policy, options, progress)
-    removed, skipped = _removals(data, table, requested, default=rules is None, origin=origin)
+    features = functools.cache(lambda: checks.text_features(data.table))  # the text's hashes, computed once if needed
+    table, origin = _flags(data, features, from_run, reference, policy, options, progress)
+    removed, skipped = _removals(data, features, table, requested, default=rules is None, origin=origin)
 
     keep = np.ones(_n_input_rows(data), dtype=bool)
     rows = data.input_rows()
@@ -145,7 +148,8 @@ def _n_input_rows(data: PairData) -> int:
 
 
 def _flags(
-    data: PairData, from_run: str | None, reference: str | None, policy: str | None, options: Any, progress: Any
+    data: PairData, features: Callable[[], Any], from_run: str | None, reference: str | None, policy: str | None,
+    options: Any, progress: Any,
 ):
     """The per-pair flags, aligned with data.table, and where they came from."""
     if from_run is not None:
@@ -161,27 +165,29 @@ def _flags(
             result = api.audit(data, reference, options, progress)
         return result.pairs.reset_index(drop=True), "scored with " + " and ".join(filter(None, (reference, policy)))
     if data.details.get("shape") == SHAPE:
-        return response_table(data.table, checks.text_features(data.table), None, beta=1.0), "model-free checks"
-    return checks.run_checks(data.table), "model-free checks"
+        return response_table(data.table, features(), None, beta=1.0), "model-free checks"
+    return checks.run_checks(data.table, features()), "model-free checks"
 
 
 def _removals(
-    data: PairData, table: pd.DataFrame, rules: tuple[str, ...], *, default: bool, origin: str
+    data: PairData, features: Callable[[], Any], table: pd.DataFrame, rules: tuple[str, ...], *, default: bool,
+    origin: str,
 ) -> tuple[dict[str, list[str]], dict[str, str]]:
     """pair_id -> the rules that remove it, and the rules that could not run (with why)."""
     ids = data.table["pair_id"].tolist()
     unpaired = data.details.get("shape") == SHAPE
     removed: dict[str, list[str]] = {}
     skipped: dict[str, str] = {}
+    model_free = functools.cache(lambda: checks.run_checks(data.table, features()))  # a check a saved run lacks
     for rule in rules:
         if rule == "duplicate" and unpaired:
-            flags = later_copies(checks.text_features(data.table), data.table["label"].to_numpy(bool))
+            flags = later_copies(features(), data.table["label"].to_numpy(bool))
         elif rule == "duplicate":
-            flags = checks.later_copies(checks.text_features(data.table))
+            flags = checks.later_copies(features())
         elif rule in table.columns and _is_flag(table[rule]):
             flags = table[rule].fillna(False).to_numpy(bool)
         elif rule in checks.CHECKS and not unpaired:
-            flags = checks.run_checks(data.table)[rule].to_numpy(bool)
+            flags = model_free()[rule].to_numpy(bool)
         elif default and rule in TOKENIZER_RULES:
             skipped[rule] = "needs a tokenizer: give --reference or --from a run with a model"
             continue
