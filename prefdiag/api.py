@@ -98,7 +98,8 @@ def _run(
             binarize_seed=options.binarize_seed,
         )  # fmt: skip
     unpaired = pairs.details.get("shape") == SHAPE
-    view = groups.response_view(pairs.table) if unpaired else pairs.table  # the names the user's table will have
+    grouped = unpaired and options.group_by is not None
+    view = groups.response_view(pairs.table) if grouped else pairs.table  # the names the user's table will have
     group_column = groups.group_column(view, options, "response_id" if unpaired else "pair_id")
     groups.check_group_column(view, group_column)
     with phase("model_free_checks"):
