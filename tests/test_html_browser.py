@@ -124,23 +124,6 @@ def test_report_renders_with_its_plots_in_headless_chromium(report, tmp_path):
         shutil.copy(png, os.environ["PREFDIAG_KEEP_SCREENSHOT"])
 
 
-@needs_browser
-@pytest.mark.parametrize("width", WIDTHS)
-def test_nothing_overflows_the_viewport_at_desktop_and_phone_widths(report, tmp_path, width):
-    """Failed before at 390 px: the group table and the metric table ran off the page (scrollWidth > 390)."""
-    browser = find_browser()
-    png = tmp_path / f"report-{width}.png"
-    screenshot(browser, report, png, tmp_path / "profile", width, 2600)
-    print(f"\nscreenshot at {width} px: {png}")
-    facts = measure(browser, report, tmp_path / "profile", width)
-    print(f"layout at {width} px: {facts}")
-    assert facts["viewport"] == width, facts
-    assert facts["scrollWidth"] <= facts["viewport"], facts
-    assert facts["offenders"] == [], facts
-    # Plots stay legible: each gets (nearly) the page's width on a phone, up to its own cap on a desktop.
-    assert len(facts["svg_widths"]) == 5 and min(facts["svg_widths"]) >= min(0.8 * width, 450), facts
-
-
 @pytest.fixture(scope="module")
 def kto_report(tmp_path_factory) -> Path:
     """The sample's pairs read as KTO rows (unpaired as TRL's KTOTrainer does), reference against policy."""
@@ -150,13 +133,21 @@ def kto_report(tmp_path_factory) -> Path:
 
 @needs_browser
 @pytest.mark.parametrize("width", WIDTHS)
-def test_the_kto_report_fits_desktop_and_phone_widths(kto_report, tmp_path, width):
+@pytest.mark.parametrize("page, n_plots", [("report", 5), ("kto_report", 2)])
+def test_nothing_overflows_the_viewport_at_desktop_and_phone_widths(page, n_plots, request, tmp_path, width):
+    """Failed before at 390 px: the group table and the metric table ran off the page (scrollWidth > 390). The
+    pairs report and the unpaired (KTO) one."""
     browser = find_browser()
-    png = tmp_path / f"kto-{width}.png"
-    screenshot(browser, kto_report, png, tmp_path / "profile", width, 2600)
+    report = request.getfixturevalue(page)
+    png = tmp_path / f"{page}-{width}.png"
+    screenshot(browser, report, png, tmp_path / "profile", width, 2600)
     print(f"\nscreenshot at {width} px: {png}")
-    facts = measure(browser, kto_report, tmp_path / "profile", width)
-    assert facts["scrollWidth"] <= facts["viewport"] == width and facts["offenders"] == [], facts
-    assert len(facts["svg_widths"]) == 2 and min(facts["svg_widths"]) >= min(0.8 * width, 450), facts
-    if os.environ.get("PREFDIAG_KEEP_SCREENSHOT"):
+    facts = measure(browser, report, tmp_path / "profile", width)
+    print(f"layout at {width} px: {facts}")
+    assert facts["viewport"] == width, facts
+    assert facts["scrollWidth"] <= facts["viewport"], facts
+    assert facts["offenders"] == [], facts
+    # Plots stay legible: each gets (nearly) the page's width on a phone, up to its own cap on a desktop.
+    assert len(facts["svg_widths"]) == n_plots and min(facts["svg_widths"]) >= min(0.8 * width, 450), facts
+    if os.environ.get("PREFDIAG_KEEP_SCREENSHOT") and page == "kto_report":
         shutil.copy(png, Path(os.environ["PREFDIAG_KEEP_SCREENSHOT"]).with_suffix(f".kto-{width}.png"))
